@@ -1,0 +1,3 @@
+from saemnesia.cli import main
+
+main()

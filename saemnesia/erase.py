@@ -1,0 +1,131 @@
+"""The erasure edit (METHOD section 4): scale chosen latents on the tokens where they fire.
+
+On every token, a selected latent i of concept c that fires above its mean on the other concepts is
+multiplied by `strength * mean_acts[c, t, i]` (strength negative: it multiplies, it does not clamp).
+The block output keeps the SAE's reconstruction error, `x_out = x + (z_edit - z) W_dec`, so an empty
+edit returns `x` exactly and only the edited latents' decoder rows are ever read.
+
+SAEmnesia edits one latent per concept, its dictionary latent, at every step. The SAeUron baseline
+edits, at every step, the concept's top-scoring latents (a percentile of the scores).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from saemnesia.concepts import ConceptDictionary, ConceptStats, _check_concepts
+from saemnesia.sae import EncoderOutput, Sae
+
+METHODS = ("saemnesia", "saeuron")
+STRENGTH_RANGE = (-200.0, 0.0)
+PAPER_STRENGTHS = (-1.0, -5.0, -10.0, -15.0, -20.0, -25.0, -30.0)
+
+
+@dataclass(frozen=True)
+class StepEdit:
+    """The edit at one sampler step: which latents, their multipliers and firing thresholds."""
+
+    latents: Tensor
+    """[n] latent indices, distinct."""
+    multipliers: Tensor
+    """[n] strength * mean activation on the erased concept."""
+    thresholds: Tensor
+    """[n] mean activation on the other concepts: the latent is edited only where it fires above."""
+
+
+@dataclass(frozen=True)
+class Erasure:
+    """A full erasure: one `StepEdit` per statistics step, and the sampler step it starts at."""
+
+    concepts: tuple[str, ...]
+    method: str
+    strength: float
+    steps: tuple[StepEdit, ...]
+    timesteps: Tensor
+    """[T] the timesteps of the statistics steps, used to map any sampler's steps onto them."""
+    start_step: int = 0
+
+    def at(self, step: int, timestep: float) -> StepEdit | None:
+        """The edit for sampler step `step` at `timestep`, or None before the start step."""
+        if step < self.start_step:
+            return None
+        return self.steps[int(torch.argmin((self.timesteps.float() - float(timestep)).abs()))]
+
+
+def check_strength(strength: float) -> float:
+    low, high = STRENGTH_RANGE
+    if not isinstance(strength, (int, float)) or not math.isfinite(strength) or not low <= strength <= high:
+        raise ValueError(
+            f"strength must be a finite number in [{low:g}, {high:g}] (negative erases), got {strength!r}."
+        )
+    return float(strength)
+
+
+def features_for_percentile(percentile: float, num_latents: int) -> int:
+    """SAeUron's percentile as a count of latents per step: 99.999 / 99.995 / 99.99 of 20,480 -> 1 / 2 / 3."""
+    return max(1, math.ceil(num_latents * (100 - percentile) / 100 - 1e-9))
+
+
+def _merge(edits: list[tuple[Tensor, Tensor, Tensor]]) -> StepEdit:
+    """Join several concepts' edits at one step; a latent claimed twice keeps its first edit."""
+    latents, multipliers, thresholds = (torch.cat(parts) for parts in zip(*edits))
+    seen: set[int] = set()
+    keep = [i for i, latent in enumerate(latents.tolist()) if not (latent in seen or seen.add(latent))]
+    keep_index = torch.tensor(keep, dtype=torch.long)
+    return StepEdit(latents[keep_index], multipliers[keep_index], thresholds[keep_index])
+
+
+def saemnesia_erasure(
+    stats: ConceptStats, dictionary: ConceptDictionary, concepts: list[str], strength: float, start_step: int = 0
+) -> Erasure:
+    """SAEmnesia: each concept's own dictionary latent, at every step."""
+    strength = check_strength(strength)
+    _check_concepts(concepts, stats.concepts)
+    latent_of = {concept: dictionary.latent(concept) for concept in concepts}
+    others = stats.others_mean()
+    steps = []
+    for step in range(len(stats.timesteps)):
+        parts = []
+        for concept in concepts:
+            c, latent = stats.index(concept), torch.tensor([latent_of[concept]])
+            parts.append((latent, strength * stats.mean_acts[c, step, latent], others[c, step, latent]))
+        steps.append(_merge(parts))
+    return Erasure(tuple(concepts), "saemnesia", strength, tuple(steps), stats.timesteps, start_step)
+
+
+def saeuron_erasure(
+    stats: ConceptStats, concepts: list[str], strength: float, features_per_step: int = 1, start_step: int = 0
+) -> Erasure:
+    """SAeUron: at every step, the concept's `features_per_step` highest-scoring latents."""
+    strength = check_strength(strength)
+    _check_concepts(concepts, stats.concepts)
+    if not 1 <= features_per_step <= stats.mean_acts.shape[-1]:
+        raise ValueError(f"features_per_step must be in [1, {stats.mean_acts.shape[-1]}], got {features_per_step}.")
+    scores, others = stats.scores(), stats.others_mean()
+    steps = []
+    for step in range(len(stats.timesteps)):
+        parts = []
+        for concept in concepts:
+            c = stats.index(concept)
+            latents = torch.topk(scores[c, step], features_per_step).indices
+            parts.append((latents, strength * stats.mean_acts[c, step, latents], others[c, step, latents]))
+        steps.append(_merge(parts))
+    return Erasure(tuple(concepts), "saeuron", strength, tuple(steps), stats.timesteps, start_step)
+
+
+def apply_step_edit(sae: Sae, tokens: Tensor, codes: EncoderOutput, edit: StepEdit) -> tuple[Tensor, Tensor]:
+    """Edit tokens `[N, d]` given their SAE codes; returns the new tokens and the edited-token mask `[N]`.
+
+    Only the edited latents' activations are read from the top-k codes and only their decoder rows
+    are used: `x + (z_edit - z) W_dec[latents]`.
+    """
+    latents = edit.latents.to(tokens.device)
+    matches = codes.top_indices.unsqueeze(-1) == latents  # [N, k, n]
+    activation = (codes.top_acts.unsqueeze(-1) * matches).sum(-2)  # [N, n]
+    fires = activation > edit.thresholds.to(activation)
+    change = torch.where(fires, activation * (edit.multipliers.to(activation) - 1), torch.zeros_like(activation))
+    return tokens + (change @ sae.W_dec[latents]).to(tokens.dtype), fires.any(-1)

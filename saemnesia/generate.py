@@ -1,0 +1,175 @@
+"""Original and erased images from one seed, in one batched pass, with the block's sparse codes.
+
+The batch holds the originals first and the erased copies second, all starting from the same initial
+noise; the edit touches only the erased rows (both guidance halves), so each original is exactly what
+the plain pipeline makes from that noise. One generation runs at a time per model: the hook sits on
+the shared UNet, and the lock keeps it private to the request that set it.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
+from torch import Tensor
+
+from saemnesia.erase import Erasure, apply_step_edit
+from saemnesia.hooks import block_width, hooked_block
+from saemnesia.sae import EncoderOutput, Sae
+
+_model_locks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_locks_guard = threading.Lock()
+
+
+def model_lock(pipeline: StableDiffusionPipeline) -> threading.Lock:
+    """The lock that serialises generations on this pipeline's UNet."""
+    with _locks_guard:
+        return _model_locks.setdefault(pipeline.unet, threading.Lock())
+
+
+class SaeMismatchError(ValueError):
+    """An SAE whose width does not match the hooked block."""
+
+
+def check_sae_fits(pipeline: StableDiffusionPipeline, sae: Sae, block: str) -> None:
+    width = block_width(pipeline.unet, block)
+    if width != sae.d_in:
+        raise SaeMismatchError(
+            f"The SAE reads {sae.d_in}-wide activations but block '{block}' outputs {width} channels: "
+            "use an SAE trained on this block of this model."
+        )
+
+
+@dataclass
+class Trace:
+    """The hooked block's sparse codes on the conditional rows, every step, for activation maps.
+
+    Rows are ordered like the images: originals first, then erased copies. Codes are of the block
+    output as it arrived (before the edit); `edited` marks the tokens the edit changed.
+    """
+
+    top_acts: Tensor
+    """[steps, rows, tokens, k]"""
+    top_indices: Tensor
+    """[steps, rows, tokens, k]"""
+    edited: Tensor
+    """[steps, rows, tokens] bool"""
+    height: int
+    width: int
+    timesteps: list[int]
+
+    def latent_map(self, latent: int, step: int, row: int) -> Tensor:
+        """[height, width] activation of one latent at one step on one image."""
+        hits = self.top_indices[step, row] == latent
+        return (self.top_acts[step, row] * hits).sum(-1).reshape(self.height, self.width)
+
+    def edit_mask(self, step: int, row: int) -> Tensor:
+        return self.edited[step, row].reshape(self.height, self.width)
+
+
+@dataclass
+class PairResult:
+    originals: list[Image.Image]
+    erased: list[Image.Image]
+    prompts: list[str]
+    settings: dict
+    trace: Trace | None = field(default=None, repr=False)
+
+
+def sampler_timesteps(pipeline: StableDiffusionPipeline, steps: int) -> list[int]:
+    """The timesteps the pipeline's sampler will visit for `steps` steps (without touching its state)."""
+    scheduler = type(pipeline.scheduler).from_config(pipeline.scheduler.config)
+    scheduler.set_timesteps(steps)
+    return [int(t) for t in scheduler.timesteps]
+
+
+def initial_noise(pipeline: StableDiffusionPipeline, seed: int, height: int, width: int) -> Tensor:
+    """The noise the plain pipeline starts from for this seed (a CPU generator, so any device agrees)."""
+    scale = pipeline.vae_scale_factor
+    shape = (1, pipeline.unet.config.in_channels, height // scale, width // scale)
+    return randn_tensor(shape, generator=torch.Generator("cpu").manual_seed(seed), device=torch.device("cpu"))
+
+
+@torch.no_grad()
+def generate_pairs(
+    pipeline: StableDiffusionPipeline,
+    prompts: list[str],
+    sae: Sae | None = None,
+    block: str | None = None,
+    erasure: Erasure | None = None,
+    seed: int = 0,
+    steps: int = 20,
+    guidance: float = 5.0,
+    height: int | None = None,
+    width: int | None = None,
+    record: bool = False,
+) -> PairResult:
+    """For every prompt, the original image and the erased one, from the same seed and noise."""
+    height = height or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+    width = width or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+    count = len(prompts)
+    timesteps = sampler_timesteps(pipeline, steps)
+    uses_hook = sae is not None and block is not None and (erasure is not None or record)
+    if uses_hook:
+        check_sae_fits(pipeline, sae, block)
+    codes: list[tuple[Tensor, Tensor, Tensor]] = []
+
+    def edit(hidden: Tensor, step: int) -> Tensor:
+        step_edit = erasure.at(step, timesteps[step]) if erasure is not None else None
+        if step_edit is None and not record:
+            return hidden
+        rows, channels, h, w = hidden.shape
+        tokens = hidden.permute(0, 2, 3, 1).reshape(rows, h * w, channels)
+        erased_rows = [r for r in range(rows) if r % (2 * count) >= count]
+        conditional_rows = list(range(rows - 2 * count, rows))
+        encode_rows = sorted(set(erased_rows) | set(conditional_rows)) if record else erased_rows
+        encoded = sae.encode(tokens[encode_rows])
+        edited = torch.zeros(len(encode_rows), h * w, dtype=torch.bool, device=hidden.device)
+        if step_edit is not None:
+            picks = [encode_rows.index(r) for r in erased_rows]
+            erased_codes = EncoderOutput(encoded.top_acts[picks], encoded.top_indices[picks], None)
+            new_tokens, edited[picks] = apply_step_edit(sae, tokens[erased_rows], erased_codes, step_edit)
+            tokens = tokens.clone()
+            tokens[erased_rows] = new_tokens
+            hidden = tokens.reshape(rows, h, w, channels).permute(0, 3, 1, 2).contiguous()
+        if record:
+            keep = [encode_rows.index(r) for r in conditional_rows]
+            codes.append((encoded.top_acts[keep].cpu(), encoded.top_indices[keep].cpu(), edited[keep].cpu()))
+        return hidden
+
+    noise = initial_noise(pipeline, seed, height, width).repeat(2 * count, 1, 1, 1)
+    with model_lock(pipeline):
+        with hooked_block(pipeline.unet, block, edit) if uses_hook else nullcontext():
+            images = pipeline(
+                prompt=list(prompts) * 2,
+                latents=noise.to(pipeline.device, pipeline.unet.dtype),
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                height=height,
+                width=width,
+            ).images
+    trace = None
+    if record and codes:
+        acts, indices, edited = (torch.stack(parts) for parts in zip(*codes))
+        side = int(round(acts.shape[2] ** 0.5))
+        trace = Trace(acts, indices, edited, side, acts.shape[2] // side, timesteps)
+    settings = {
+        "prompts": list(prompts),
+        "seed": seed,
+        "steps": steps,
+        "guidance": guidance,
+        "height": height,
+        "width": width,
+        "block": block,
+        "erase": list(erasure.concepts) if erasure else [],
+        "method": erasure.method if erasure else None,
+        "strength": erasure.strength if erasure else None,
+        "start_step": erasure.start_step if erasure else None,
+    }
+    return PairResult(images[:count], images[count:], list(prompts), settings, trace)

@@ -1,0 +1,259 @@
+"""MiniCanvas's text-to-image model: Stable Diffusion's architecture at a size a CPU can train.
+
+The components are the stock ones (`UNet2DConditionModel`, `CLIPTextModel`, `CLIPTokenizer`,
+`DDIMScheduler`), so `StableDiffusionPipeline.from_pretrained` loads the result. Diffusion runs in
+pixel space: the "autoencoder" is an exact, parameter-free `pixel_unshuffle` (32 x 32 x 3 images
+become 16 x 16 x 12 latents), which fits the pipeline and costs no training.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler, ModelMixin, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
+from diffusers.models.modeling_outputs import AutoencoderKLOutput
+from diffusers.training_utils import EMAModel
+from safetensors.torch import load_file, save_file
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from saemnesia.minicanvas import data
+
+logger = logging.getLogger(__name__)
+
+TEXT_WIDTH = 128
+
+
+class PixelUnshuffleAutoencoder(ModelMixin, ConfigMixin):
+    """An exact autoencoder for pixel-space diffusion: latents are the image's 2 x 2 pixel blocks.
+
+    It has the interface the Stable Diffusion pipeline expects of `AutoencoderKL` (`encode`,
+    `decode`, `config.scaling_factor`, `config.block_out_channels` for the scale factor).
+    """
+
+    @register_to_config
+    def __init__(self, factor: int = 2, scaling_factor: float = 1.0, block_out_channels: tuple[int, ...] = (12, 12)):
+        super().__init__()
+        # One saved buffer gives the model a device, a dtype and a weights file, as diffusers expects.
+        self.register_buffer("anchor", torch.zeros(1))
+
+    def encode(self, images: torch.Tensor, return_dict: bool = True):
+        latents = F.pixel_unshuffle(images, self.config.factor)
+        distribution = DiagonalGaussianDistribution(torch.cat([latents, torch.full_like(latents, -30.0)], dim=1))
+        return AutoencoderKLOutput(latent_dist=distribution) if return_dict else (distribution,)
+
+    def decode(self, latents: torch.Tensor, return_dict: bool = True, generator=None):
+        images = F.pixel_shuffle(latents, self.config.factor)
+        return DecoderOutput(sample=images) if return_dict else (images,)
+
+
+def build_tokenizer() -> CLIPTokenizer:
+    """A CLIP byte-level BPE tokenizer whose merges are learned from the world's captions.
+
+    No CLIP vocabulary ships offline, so we learn one: the 512 byte symbols (with and without the
+    end-of-word mark) as in CLIP, plus merges that make every word of the world one token. Unknown
+    words still tokenize, into byte pieces.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    alphabet = list(bytes_to_unicode().values())
+    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(
+        vocab_size=4096, min_frequency=1, initial_alphabet=alphabet, end_of_word_suffix="</w>", show_progress=False
+    )
+    bpe.train_from_iterator(data.caption_corpus(), trainer)
+    merges = [
+        tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in json.loads(bpe.to_str())["model"]["merges"]
+    ]
+    tokens = alphabet + [symbol + "</w>" for symbol in alphabet] + ["".join(pair) for pair in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {token: index for index, token in enumerate(dict.fromkeys(tokens))}
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges)
+    tokenizer.model_max_length = 77
+    return tokenizer
+
+
+def build_components(tokenizer: CLIPTokenizer, seed: int = 0) -> dict:
+    """Freshly initialised components of a MiniCanvas model (the same seed gives the same weights)."""
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=TEXT_WIDTH,
+            intermediate_size=4 * TEXT_WIDTH,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=tokenizer.model_max_length,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=12,
+        out_channels=12,
+        block_out_channels=(32, 64, 128),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=TEXT_WIDTH,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    )
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="linear",
+        beta_start=0.0001,
+        beta_end=0.02,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="epsilon",
+    )
+    return {
+        "vae": PixelUnshuffleAutoencoder(),
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "unet": unet,
+        "scheduler": scheduler,
+    }
+
+
+def encode_captions(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, captions: list[str]) -> torch.Tensor:
+    ids = tokenizer(
+        captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    )
+    return text_encoder(ids.input_ids.to(text_encoder.device))[0]
+
+
+def save_pipeline(components: dict, folder: Path) -> None:
+    pipeline = StableDiffusionPipeline(
+        **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+    pipeline.save_pretrained(folder)
+
+
+def _optimizer_state_to_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """Adam's moments as flat tensors, so that checkpoints stay safetensors (never pickle)."""
+    return {
+        f"{index}.{name}": value.reshape(-1) if value.dim() == 0 else value
+        for index, state in optimizer.state_dict()["state"].items()
+        for name, value in state.items()
+    }
+
+
+def _optimizer_state_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> dict:
+    state_dict = optimizer.state_dict()
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value.reshape(()) if name == "step" else value
+    state_dict["state"] = state
+    return state_dict
+
+
+def train_model(
+    out: Path,
+    checkpoint: Path,
+    steps: int = 6000,
+    batch_size: int = 64,
+    learning_rate: float = 1e-3,
+    seed: int = 0,
+    checkpoint_every: int = 250,
+    device: str = "cpu",
+) -> Path:
+    """Train the UNet and the text encoder together, from scratch, on freshly drawn batches.
+
+    Resumable: a checkpoint (weights, EMA, optimiser, step) is written every `checkpoint_every`
+    steps to `checkpoint`, and a rerun of the same command continues from it. Batches are drawn
+    from `seed` and the step number, so a resumed run sees the same data as an uninterrupted one.
+    The EMA weights are saved, at every checkpoint, as a diffusers pipeline in `out`.
+    """
+    tokenizer = build_tokenizer()
+    components = build_components(tokenizer, seed)
+    unet, text_encoder = components["unet"].to(device), components["text_encoder"].to(device)
+    trainable = list(unet.parameters()) + list(text_encoder.parameters())
+    optimizer = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=0.01)
+    warmup = 200
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, steps - warmup)))) * 0.95 + 0.05
+
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    ema = EMAModel(trainable, decay=0.999, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4)
+    noise_scheduler = DDPMScheduler.from_config(components["scheduler"].config)
+    alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
+
+    start, elapsed = 0, 0.0
+    if (checkpoint / "state.json").exists():
+        state = json.loads((checkpoint / "state.json").read_text())
+        unet.load_state_dict(load_file(checkpoint / "unet.safetensors"))
+        text_encoder.load_state_dict(load_file(checkpoint / "text_encoder.safetensors"))
+        ema_weights = load_file(checkpoint / "ema.safetensors")
+        for shadow, index in zip(ema.shadow_params, range(len(ema.shadow_params))):
+            shadow.copy_(ema_weights[str(index)])
+        ema.optimization_step = state["step"]
+        optimizer.load_state_dict(
+            _optimizer_state_from_tensors(optimizer, load_file(checkpoint / "optimizer.safetensors"))
+        )
+        lr_schedule.last_epoch = state["step"]
+        start, elapsed = state["step"], state["elapsed_s"]
+        logger.info("resumed at step %d", start)
+
+    began = time.time() - elapsed
+    for step in range(start, steps):
+        pixels, captions, _, _ = data.sample_batch(batch_size, seed=seed * 1_000_003 + step)
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        latents = F.pixel_unshuffle(torch.from_numpy(pixels), 2).to(device)
+        noise = torch.randn(latents.shape, generator=generator).to(device)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,), generator=generator).to(
+            device
+        )
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        prediction = unet(noisy, timesteps, encode_captions(tokenizer, text_encoder, captions)).sample
+        # Min-SNR-5 weighting: the easy, low-noise steps stop dominating the loss.
+        snr = alphas_cumprod[timesteps] / (1 - alphas_cumprod[timesteps])
+        weight = torch.clamp(snr, max=5.0) / snr
+        loss = (weight * F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        lr_schedule.step()
+        ema.step(trainable)
+        if step % 25 == 0 or step == steps - 1:
+            logger.info(
+                "step %d/%d loss %.4f lr %.2e %.1f s",
+                step + 1,
+                steps,
+                loss.item(),
+                lr_schedule.get_last_lr()[0],
+                time.time() - began,
+            )
+        if (step + 1) % checkpoint_every == 0 or step == steps - 1:
+            checkpoint.mkdir(parents=True, exist_ok=True)
+            save_file(unet.state_dict(), checkpoint / "unet.safetensors")
+            save_file(
+                {k: v.contiguous() for k, v in text_encoder.state_dict().items()},
+                checkpoint / "text_encoder.safetensors",
+            )
+            save_file({str(i): p for i, p in enumerate(ema.shadow_params)}, checkpoint / "ema.safetensors")
+            save_file(_optimizer_state_to_tensors(optimizer), checkpoint / "optimizer.safetensors")
+            (checkpoint / "state.json").write_text(json.dumps({"step": step + 1, "elapsed_s": time.time() - began}))
+            ema.store(trainable)
+            ema.copy_to(trainable)
+            save_pipeline({**components, "unet": unet, "text_encoder": text_encoder}, out)
+            ema.restore(trainable)
+    return out
