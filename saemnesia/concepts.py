@@ -8,13 +8,18 @@ activation minus its mean share on every other concept (SAeUron's score, used by
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from saemnesia.sae import Sae
 
 
 class UnknownConceptError(KeyError):
@@ -24,7 +29,7 @@ class UnknownConceptError(KeyError):
         return str(self.args[0])
 
 
-def _check_concepts(requested: list[str], known: list[str]) -> None:
+def check_concepts(requested: list[str], known: list[str]) -> None:
     unknown = [name for name in requested if name not in known]
     if unknown:
         raise UnknownConceptError(
@@ -44,7 +49,7 @@ class ConceptStats:
     """[C, T, L] mean activation of each latent."""
 
     def index(self, concept: str) -> int:
-        _check_concepts([concept], self.concepts)
+        check_concepts([concept], self.concepts)
         return self.concepts.index(concept)
 
     def others_mean(self) -> Tensor:
@@ -99,7 +104,7 @@ class ConceptDictionary:
     kinds: dict[str, str]
 
     def latent(self, concept: str) -> int:
-        _check_concepts([concept], list(self.latents))
+        check_concepts([concept], list(self.latents))
         return self.latents[concept]
 
     def concepts_of(self, latent: int) -> list[str]:
@@ -138,3 +143,33 @@ def build_dictionary(stats: ConceptStats, kind_order: tuple[str, ...] = ("object
         latents[concept] = next(index for index in ranking if index not in taken)
         taken.add(latents[concept])
     return ConceptDictionary(latents, dict(zip(stats.concepts, stats.kinds)))
+
+
+@torch.no_grad()
+def concept_stats_from_activations(
+    sae: Sae,
+    batches: Iterable[tuple[Tensor, Tensor, Tensor]],
+    concepts: list[str],
+    kinds: list[str],
+    timesteps: Tensor,
+) -> ConceptStats:
+    """Statistics from labelled block outputs: the mean of every latent's activation per concept and step.
+
+    Each batch is `(tokens [n, d], concept_ids [n, m], steps [n])`: a token counts for all m of its
+    concepts (e.g. its prompt's object and its style). The mean runs over tokens, which is the mean
+    over each image's tokens and then over prompts, as every image has the same number of tokens.
+    """
+    device = sae.W_dec.device
+    num_latents, num_steps = sae.num_latents, len(timesteps)
+    sums = torch.zeros(len(concepts) * num_steps, num_latents, device=device)
+    counts = torch.zeros(len(concepts) * num_steps, device=device)
+    for tokens, concept_ids, steps in batches:
+        codes = sae.encode(tokens.to(device))
+        concept_ids, steps = concept_ids.to(device), steps.to(device)
+        for column in range(concept_ids.shape[1]):
+            rows = concept_ids[:, column] * num_steps + steps
+            cells = rows[:, None] * num_latents + codes.top_indices
+            sums.view(-1).index_add_(0, cells.flatten(), codes.top_acts.flatten().float())
+            counts.index_add_(0, rows, torch.ones_like(rows, dtype=counts.dtype))
+    mean_acts = (sums / counts.clamp_min(1)[:, None]).view(len(concepts), num_steps, num_latents)
+    return ConceptStats(list(concepts), list(kinds), timesteps.clone(), mean_acts.cpu())

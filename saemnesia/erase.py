@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from saemnesia.concepts import ConceptDictionary, ConceptStats, _check_concepts
+from saemnesia.concepts import ConceptDictionary, ConceptStats, check_concepts
 from saemnesia.sae import EncoderOutput, Sae
 
 METHODS = ("saemnesia", "saeuron")
@@ -84,7 +84,7 @@ def saemnesia_erasure(
 ) -> Erasure:
     """SAEmnesia: each concept's own dictionary latent, at every step."""
     strength = check_strength(strength)
-    _check_concepts(concepts, stats.concepts)
+    check_concepts(concepts, stats.concepts)
     latent_of = {concept: dictionary.latent(concept) for concept in concepts}
     others = stats.others_mean()
     steps = []
@@ -102,7 +102,7 @@ def saeuron_erasure(
 ) -> Erasure:
     """SAeUron: at every step, the concept's `features_per_step` highest-scoring latents."""
     strength = check_strength(strength)
-    _check_concepts(concepts, stats.concepts)
+    check_concepts(concepts, stats.concepts)
     if not 1 <= features_per_step <= stats.mean_acts.shape[-1]:
         raise ValueError(f"features_per_step must be in [1, {stats.mean_acts.shape[-1]}], got {features_per_step}.")
     scores, others = stats.scores(), stats.others_mean()

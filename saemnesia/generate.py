@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import threading
 import weakref
-from contextlib import nullcontext
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import torch
@@ -79,7 +80,8 @@ class PairResult:
     erased: list[Image.Image]
     prompts: list[str]
     settings: dict
-    trace: Trace | None = field(default=None, repr=False)
+    traces: dict[str, Trace] = field(default_factory=dict, repr=False)
+    """Recorded codes, by block."""
 
 
 def sampler_timesteps(pipeline: StableDiffusionPipeline, steps: int) -> list[int]:
@@ -96,69 +98,88 @@ def initial_noise(pipeline: StableDiffusionPipeline, seed: int, height: int, wid
     return randn_tensor(shape, generator=torch.Generator("cpu").manual_seed(seed), device=torch.device("cpu"))
 
 
-@torch.no_grad()
-def generate_pairs(
-    pipeline: StableDiffusionPipeline,
-    prompts: list[str],
-    sae: Sae | None = None,
-    block: str | None = None,
-    erasure: Erasure | None = None,
-    seed: int = 0,
-    steps: int = 20,
-    guidance: float = 5.0,
-    height: int | None = None,
-    width: int | None = None,
-    record: bool = False,
-) -> PairResult:
-    """For every prompt, the original image and the erased one, from the same seed and noise."""
-    height = height or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
-    width = width or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
-    count = len(prompts)
-    timesteps = sampler_timesteps(pipeline, steps)
-    uses_hook = sae is not None and block is not None and (erasure is not None or record)
-    if uses_hook:
-        check_sae_fits(pipeline, sae, block)
-    codes: list[tuple[Tensor, Tensor, Tensor]] = []
+@dataclass
+class SaeHook:
+    """An SAE on one block of the UNet: what it erases (if anything) and whether to record its codes."""
+
+    block: str
+    sae: Sae
+    erasure: Erasure | None = None
+    record: bool = False
+
+
+def _block_edit(hook: SaeHook, count: int, timesteps: list[int], codes: list) -> Callable[[Tensor, int], Tensor]:
+    """The function the block hook runs: edit the erased rows, record the conditional rows' codes."""
 
     def edit(hidden: Tensor, step: int) -> Tensor:
-        step_edit = erasure.at(step, timesteps[step]) if erasure is not None else None
-        if step_edit is None and not record:
+        step_edit = hook.erasure.at(step, timesteps[step]) if hook.erasure is not None else None
+        if step_edit is None and not hook.record:
             return hidden
         rows, channels, h, w = hidden.shape
         tokens = hidden.permute(0, 2, 3, 1).reshape(rows, h * w, channels)
         erased_rows = [r for r in range(rows) if r % (2 * count) >= count]
         conditional_rows = list(range(rows - 2 * count, rows))
-        encode_rows = sorted(set(erased_rows) | set(conditional_rows)) if record else erased_rows
-        encoded = sae.encode(tokens[encode_rows])
+        encode_rows = sorted(set(erased_rows) | set(conditional_rows)) if hook.record else erased_rows
+        encoded = hook.sae.encode(tokens[encode_rows])
         edited = torch.zeros(len(encode_rows), h * w, dtype=torch.bool, device=hidden.device)
         if step_edit is not None:
             picks = [encode_rows.index(r) for r in erased_rows]
             erased_codes = EncoderOutput(encoded.top_acts[picks], encoded.top_indices[picks], None)
-            new_tokens, edited[picks] = apply_step_edit(sae, tokens[erased_rows], erased_codes, step_edit)
+            new_tokens, edited[picks] = apply_step_edit(hook.sae, tokens[erased_rows], erased_codes, step_edit)
             tokens = tokens.clone()
             tokens[erased_rows] = new_tokens
             hidden = tokens.reshape(rows, h, w, channels).permute(0, 3, 1, 2).contiguous()
-        if record:
+        if hook.record:
             keep = [encode_rows.index(r) for r in conditional_rows]
             codes.append((encoded.top_acts[keep].cpu(), encoded.top_indices[keep].cpu(), edited[keep].cpu()))
         return hidden
 
+    return edit
+
+
+@torch.no_grad()
+def generate_pairs(
+    pipeline: StableDiffusionPipeline,
+    prompts: list[str],
+    hooks: Sequence[SaeHook] = (),
+    seed: int = 0,
+    steps: int = 20,
+    guidance: float = 5.0,
+    height: int | None = None,
+    width: int | None = None,
+) -> PairResult:
+    """For every prompt, the original image and the erased one, from the same seed and noise.
+
+    `hooks` put SAEs on blocks (several blocks at once, e.g. an object SAE and a style SAE); their
+    erasures apply to the erased copies only, and recorded codes come back as one `Trace` per block.
+    """
+    height = height or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+    width = width or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+    count = len(prompts)
+    timesteps = sampler_timesteps(pipeline, steps)
+    for hook in hooks:
+        check_sae_fits(pipeline, hook.sae, hook.block)
+    codes: dict[str, list] = {hook.block: [] for hook in hooks}
     noise = initial_noise(pipeline, seed, height, width).repeat(2 * count, 1, 1, 1)
-    with model_lock(pipeline):
-        with hooked_block(pipeline.unet, block, edit) if uses_hook else nullcontext():
-            images = pipeline(
-                prompt=list(prompts) * 2,
-                latents=noise.to(pipeline.device, pipeline.unet.dtype),
-                num_inference_steps=steps,
-                guidance_scale=guidance,
-                height=height,
-                width=width,
-            ).images
-    trace = None
-    if record and codes:
-        acts, indices, edited = (torch.stack(parts) for parts in zip(*codes))
-        side = int(round(acts.shape[2] ** 0.5))
-        trace = Trace(acts, indices, edited, side, acts.shape[2] // side, timesteps)
+    with model_lock(pipeline), ExitStack() as stack:
+        for hook in hooks:
+            stack.enter_context(
+                hooked_block(pipeline.unet, hook.block, _block_edit(hook, count, timesteps, codes[hook.block]))
+            )
+        images = pipeline(
+            prompt=list(prompts) * 2,
+            latents=noise.to(pipeline.device, pipeline.unet.dtype),
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            height=height,
+            width=width,
+        ).images
+    traces = {}
+    for block, block_codes in codes.items():
+        if block_codes:
+            acts, indices, edited = (torch.stack(parts) for parts in zip(*block_codes))
+            side = int(round(acts.shape[2] ** 0.5))
+            traces[block] = Trace(acts, indices, edited, side, acts.shape[2] // side, timesteps)
     settings = {
         "prompts": list(prompts),
         "seed": seed,
@@ -166,10 +187,10 @@ def generate_pairs(
         "guidance": guidance,
         "height": height,
         "width": width,
-        "block": block,
-        "erase": list(erasure.concepts) if erasure else [],
-        "method": erasure.method if erasure else None,
-        "strength": erasure.strength if erasure else None,
-        "start_step": erasure.start_step if erasure else None,
-    }
-    return PairResult(images[:count], images[count:], list(prompts), settings, trace)
+        "erasures": [
+            {"block": hook.block, "concepts": list(hook.erasure.concepts), "method": hook.erasure.method,
+             "strength": hook.erasure.strength, "start_step": hook.erasure.start_step}
+            for hook in hooks if hook.erasure is not None
+        ],
+    }  # fmt: skip
+    return PairResult(images[:count], images[count:], list(prompts), settings, traces)

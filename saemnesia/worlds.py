@@ -13,6 +13,11 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 from saemnesia.minicanvas import data as minicanvas_data
+from saemnesia.minicanvas import model as minicanvas_model
+
+# MiniCanvas's model_index.json names this module for its pixel-space autoencoder: diffusers loads
+# a component from a module only once it is imported.
+assert minicanvas_model.PixelUnshuffleAutoencoder
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 

@@ -16,7 +16,7 @@ from saemnesia.erase import (
     saemnesia_erasure,
     saeuron_erasure,
 )
-from saemnesia.generate import SaeMismatchError, generate_pairs, initial_noise
+from saemnesia.generate import SaeHook, SaeMismatchError, generate_pairs, initial_noise
 from saemnesia.hooks import HookPointError, hooked_block
 from saemnesia.sae import Sae, SaeLoadError
 from saemnesia.worlds import SD_V14_UNET_CONFIG
@@ -80,7 +80,7 @@ def test_corrupt_or_missing_sae_files_are_refused(tmp_path, tiny_sae):
 
 def test_sae_wider_than_block_is_refused_naming_both_widths(tiny_pipeline):
     with pytest.raises(SaeMismatchError, match="64-wide.*outputs 32 channels"):
-        generate_pairs(tiny_pipeline, ["a star"], make_tiny_sae(d_in=64), BLOCK, None, steps=1, record=True)
+        generate_pairs(tiny_pipeline, ["a star"], [SaeHook(BLOCK, make_tiny_sae(d_in=64))], steps=1)
 
 
 def test_unknown_hook_point_lists_the_real_ones(tiny_pipeline):
@@ -110,9 +110,8 @@ def test_edit_changes_only_tokens_where_latent_fires(tiny_sae):
 
 
 def test_paired_generation_without_erasure_equals_plain_diffusers(tiny_pipeline, tiny_sae):
-    result = generate_pairs(
-        tiny_pipeline, ["a star", "a neon moon"], tiny_sae, BLOCK, None, seed=3, steps=2, record=True
-    )
+    hooks = [SaeHook(BLOCK, tiny_sae, record=True)]
+    result = generate_pairs(tiny_pipeline, ["a star", "a neon moon"], hooks, seed=3, steps=2)
     noise = initial_noise(tiny_pipeline, 3, 16, 16)
     plain_batch = tiny_pipeline(
         ["a star", "a neon moon"] * 2, latents=noise.repeat(4, 1, 1, 1), num_inference_steps=2, guidance_scale=5.0
@@ -132,15 +131,17 @@ def test_paired_generation_without_erasure_equals_plain_diffusers(tiny_pipeline,
 
 def test_erasure_changes_only_the_erased_rows(tiny_pipeline, tiny_sae):
     stats = make_stats(num_latents=tiny_sae.num_latents)
-    plain = generate_pairs(tiny_pipeline, ["a star"], tiny_sae, BLOCK, None, seed=1, steps=2, record=True)
-    latent = int(torch.mode(plain.trace.top_indices[0, 0].flatten()).values)
+    plain = generate_pairs(tiny_pipeline, ["a star"], [SaeHook(BLOCK, tiny_sae, record=True)], seed=1, steps=2)
+    latent = int(torch.mode(plain.traces[BLOCK].top_indices[0, 0].flatten()).values)
     dictionary = ConceptDictionary({"star": latent}, {"star": "object"})
     stats.mean_acts[:, :, latent] = torch.tensor([[5.0], [0.0], [0.0], [0.0]])
     erasure = saemnesia_erasure(stats, dictionary, ["star"], strength=-20.0)
-    erased = generate_pairs(tiny_pipeline, ["a star"], tiny_sae, BLOCK, erasure, seed=1, steps=2, record=True)
+    erased = generate_pairs(
+        tiny_pipeline, ["a star"], [SaeHook(BLOCK, tiny_sae, erasure, record=True)], seed=1, steps=2
+    )
     assert np.array_equal(np.asarray(erased.originals[0]), np.asarray(plain.originals[0]))
     assert not np.array_equal(np.asarray(erased.erased[0]), np.asarray(plain.erased[0]))
-    assert erased.trace.edited[:, 1].any() and not erased.trace.edited[:, 0].any()
+    assert erased.traces[BLOCK].edited[:, 1].any() and not erased.traces[BLOCK].edited[:, 0].any()
 
 
 def test_hook_is_removed_when_generation_raises(tiny_pipeline, tiny_sae):

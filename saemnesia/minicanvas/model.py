@@ -3,7 +3,9 @@
 The components are the stock ones (`UNet2DConditionModel`, `CLIPTextModel`, `CLIPTokenizer`,
 `DDIMScheduler`), so `StableDiffusionPipeline.from_pretrained` loads the result. Diffusion runs in
 pixel space: the "autoencoder" is an exact, parameter-free `pixel_unshuffle` (32 x 32 x 3 images
-become 16 x 16 x 12 latents), which fits the pipeline and costs no training.
+become 16 x 16 x 12 latents), which fits the pipeline and costs no training. The UNet predicts v on a
+cosine schedule: with epsilon-prediction in pixel space, DDIM's first steps amplify the noise
+estimate's error a hundredfold (the pipeline turns off x0 clipping), and samples came out as noise.
 """
 
 from __future__ import annotations
@@ -112,13 +114,11 @@ def build_components(tokenizer: CLIPTokenizer, seed: int = 0) -> dict:
     )
     scheduler = DDIMScheduler(
         num_train_timesteps=1000,
-        beta_schedule="linear",
-        beta_start=0.0001,
-        beta_end=0.02,
+        beta_schedule="squaredcos_cap_v2",
         clip_sample=False,
         set_alpha_to_one=False,
         steps_offset=1,
-        prediction_type="epsilon",
+        prediction_type="v_prediction",
     )
     return {
         "vae": PixelUnshuffleAutoencoder(),
@@ -223,10 +223,11 @@ def train_model(
         )
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         prediction = unet(noisy, timesteps, encode_captions(tokenizer, text_encoder, captions)).sample
-        # Min-SNR-5 weighting: the easy, low-noise steps stop dominating the loss.
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+        # Min-SNR-5 weighting for v-prediction: the easy, low-noise steps stop dominating the loss.
         snr = alphas_cumprod[timesteps] / (1 - alphas_cumprod[timesteps])
-        weight = torch.clamp(snr, max=5.0) / snr
-        loss = (weight * F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
+        weight = torch.clamp(snr, max=5.0) / (snr + 1)
+        loss = (weight * F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3))).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)

@@ -1,0 +1,155 @@
+"""A world, loaded: its pipeline, SAEs, concept statistics and dictionaries, ready to erase by name.
+
+This is the one object the CLI and the app hold. Every request's settings are checked here, where
+they enter, so bad input gets one clear message whichever door it came through.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from diffusers import StableDiffusionPipeline
+
+from saemnesia.concepts import ConceptDictionary, ConceptStats, check_concepts
+from saemnesia.erase import METHODS, check_strength, saemnesia_erasure, saeuron_erasure
+from saemnesia.generate import PairResult, SaeHook, generate_pairs
+from saemnesia.sae import Sae
+from saemnesia.worlds import World, load_pipeline
+
+VARIANT_OF_METHOD = {"saemnesia": "supervised", "saeuron": "unsupervised"}
+STATS_FILE = "stats.safetensors"
+DICTIONARY_FILE = "dictionary.json"
+LIMITS = {"steps": (1, 150), "guidance": (0.0, 30.0), "seed": (0, 2**32 - 1), "features_per_step": (1, 64)}
+
+
+class SettingsError(ValueError):
+    """A request setting out of range or of the wrong type; the message names field, value and range."""
+
+
+def _check_number(name: str, value: object, integer: bool) -> None:
+    low, high = LIMITS[name]
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind) or (not integer and not math.isfinite(value)):
+        raise SettingsError(
+            f"{name} must be {'an integer' if integer else 'a finite number'} in [{low}, {high}], got {value!r}."
+        )
+    if not low <= value <= high:
+        raise SettingsError(f"{name} must be in [{low}, {high}], got {value!r}.")
+
+
+@dataclass
+class SaeBundle:
+    """One SAE on one block, with the statistics (and dictionary) made with it."""
+
+    sae: Sae
+    block: str
+    stats: ConceptStats
+    dictionary: ConceptDictionary | None = None
+
+    @classmethod
+    def load(cls, folder: Path, block: str, device: str = "cpu") -> SaeBundle:
+        dictionary_path = folder / DICTIONARY_FILE
+        dictionary = ConceptDictionary.load(dictionary_path) if dictionary_path.is_file() else None
+        return cls(Sae.load(folder, device), block, ConceptStats.load(folder / STATS_FILE), dictionary)
+
+
+@dataclass
+class Studio:
+    world: World
+    pipeline: StableDiffusionPipeline
+    bundles: dict[tuple[str, str], SaeBundle] = field(default_factory=dict)
+    """By (method, kind), e.g. ("saemnesia", "object")."""
+
+    @classmethod
+    def load(cls, world: World, device: str | None = None, model: str | None = None) -> Studio:
+        """Load the world's pipeline and every SAE bundle its assets hold (missing ones are skipped)."""
+        pipeline = load_pipeline(model or world.model, device=device)
+        bundles = {}
+        for method, variant in VARIANT_OF_METHOD.items():
+            for kind in ("object", "style"):
+                folder = world.sae_folder(variant, kind) if world.assets else None
+                if folder is not None and (folder / STATS_FILE).is_file():
+                    bundles[method, kind] = SaeBundle.load(folder, world.block_for(kind), str(pipeline.device))
+        return cls(world, pipeline, bundles)
+
+    def check_prompt(self, prompt: object) -> tuple[str, str | None]:
+        """The prompt, and a warning if the tokenizer will truncate it."""
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise SettingsError("prompt must be a non-empty text, e.g. " + repr(self.world.examples[0]) + ".")
+        tokenizer = self.pipeline.tokenizer
+        length = len(tokenizer(prompt).input_ids)
+        if length > tokenizer.model_max_length:
+            return prompt, f"The prompt is {length} tokens long; only the first {tokenizer.model_max_length} are used."
+        return prompt, None
+
+    def hooks(
+        self,
+        concepts: list[str],
+        method: str = "saemnesia",
+        strength: float = -10.0,
+        start_step: int = 0,
+        features_per_step: int = 1,
+        record: bool = False,
+    ) -> list[SaeHook]:
+        """The SAE hooks that erase `concepts` (objects at the object block, styles at the style block)."""
+        if method not in METHODS:
+            raise SettingsError(f"method must be one of {', '.join(METHODS)}, got {method!r}.")
+        check_strength(strength)
+        _check_number("features_per_step", features_per_step, integer=True)
+        check_concepts(list(concepts), list(self.world.concepts))
+        hooks = []
+        for kind in ("object", "style"):
+            chosen = [c for c in concepts if self.world.kind_of(c) == kind]
+            bundle = self.bundles.get((method, kind))
+            if bundle is None:
+                if chosen:
+                    raise SettingsError(
+                        f"No {method} SAE for {kind}s in this world: train one (`python -m saemnesia finetune`)."
+                    )
+                continue
+            erasure = None
+            if chosen and method == "saemnesia":
+                erasure = saemnesia_erasure(bundle.stats, bundle.dictionary, chosen, strength, start_step)
+            elif chosen:
+                erasure = saeuron_erasure(bundle.stats, chosen, strength, features_per_step, start_step)
+            if erasure is not None or record:
+                hooks.append(SaeHook(bundle.block, bundle.sae, erasure, record))
+        return hooks
+
+    def erase(
+        self,
+        prompts: list[str],
+        concepts: list[str],
+        method: str = "saemnesia",
+        strength: float = -10.0,
+        seed: int = 0,
+        steps: int | None = None,
+        guidance: float | None = None,
+        start_step: int = 0,
+        features_per_step: int = 1,
+        record: bool = False,
+    ) -> PairResult:
+        """Original and erased images for each prompt, all from `seed`; settings checked first."""
+        steps = self.world.steps if steps is None else steps
+        guidance = self.world.guidance if guidance is None else guidance
+        _check_number("steps", steps, integer=True)
+        _check_number("guidance", guidance, integer=False)
+        _check_number("seed", seed, integer=True)
+        if isinstance(start_step, bool) or not isinstance(start_step, int) or not 0 <= start_step < steps:
+            raise SettingsError(f"start_step must be an integer in [0, {steps - 1}], got {start_step!r}.")
+        warnings = [warning for prompt in prompts if (warning := self.check_prompt(prompt)[1])]
+        hooks = self.hooks(concepts, method, strength, start_step, features_per_step, record)
+        result = generate_pairs(
+            self.pipeline,
+            prompts,
+            hooks,
+            seed=seed,
+            steps=steps,
+            guidance=guidance,
+            height=self.world.height,
+            width=self.world.width,
+        )
+        result.settings["warnings"] = warnings
+        return result
