@@ -108,8 +108,14 @@ class SaeHook:
     record: bool = False
 
 
-def _block_edit(hook: SaeHook, count: int, timesteps: list[int], codes: list) -> Callable[[Tensor, int], Tensor]:
-    """The function the block hook runs: edit the erased rows, record the conditional rows' codes."""
+def _block_edit(
+    hook: SaeHook, batch: int, originals: int, timesteps: list[int], codes: list
+) -> Callable[[Tensor, int], Tensor]:
+    """The function the block hook runs: edit the erased rows, record the conditional rows' codes.
+
+    The pipeline's batch is `originals` unedited rows then the erased ones (`batch` in all); with
+    guidance the block sees it twice, unconditional half first.
+    """
 
     def edit(hidden: Tensor, step: int) -> Tensor:
         step_edit = hook.erasure.at(step, timesteps[step]) if hook.erasure is not None else None
@@ -117,8 +123,8 @@ def _block_edit(hook: SaeHook, count: int, timesteps: list[int], codes: list) ->
             return hidden
         rows, channels, h, w = hidden.shape
         tokens = hidden.permute(0, 2, 3, 1).reshape(rows, h * w, channels)
-        erased_rows = [r for r in range(rows) if r % (2 * count) >= count]
-        conditional_rows = list(range(rows - 2 * count, rows))
+        erased_rows = [r for r in range(rows) if r % batch >= originals]
+        conditional_rows = list(range(rows - batch, rows))
         encode_rows = sorted(set(erased_rows) | set(conditional_rows)) if hook.record else erased_rows
         encoded = hook.sae.encode(tokens[encode_rows])
         edited = torch.zeros(len(encode_rows), h * w, dtype=torch.bool, device=hidden.device)
@@ -147,8 +153,12 @@ def generate_pairs(
     guidance: float = 5.0,
     height: int | None = None,
     width: int | None = None,
+    include_originals: bool = True,
 ) -> PairResult:
     """For every prompt, the original image and the erased one, from the same seed and noise.
+
+    With `include_originals=False` only the erased images are made (half the work, for benchmarks
+    that need no originals); `originals` is then empty.
 
     `hooks` put SAEs on blocks (several blocks at once, e.g. an object SAE and a style SAE); their
     erasures apply to the erased copies only, and recorded codes come back as one `Trace` per block.
@@ -160,14 +170,18 @@ def generate_pairs(
     for hook in hooks:
         check_sae_fits(pipeline, hook.sae, hook.block)
     codes: dict[str, list] = {hook.block: [] for hook in hooks}
-    noise = initial_noise(pipeline, seed, height, width).repeat(2 * count, 1, 1, 1)
+    originals = count if include_originals else 0
+    batch = originals + count
+    noise = initial_noise(pipeline, seed, height, width).repeat(batch, 1, 1, 1)
     with model_lock(pipeline), ExitStack() as stack:
         for hook in hooks:
             stack.enter_context(
-                hooked_block(pipeline.unet, hook.block, _block_edit(hook, count, timesteps, codes[hook.block]))
+                hooked_block(
+                    pipeline.unet, hook.block, _block_edit(hook, batch, originals, timesteps, codes[hook.block])
+                )
             )
         images = pipeline(
-            prompt=list(prompts) * 2,
+            prompt=list(prompts) * (2 if include_originals else 1),
             latents=noise.to(pipeline.device, pipeline.unet.dtype),
             num_inference_steps=steps,
             guidance_scale=guidance,
@@ -193,4 +207,4 @@ def generate_pairs(
             for hook in hooks if hook.erasure is not None
         ],
     }  # fmt: skip
-    return PairResult(images[:count], images[count:], list(prompts), settings, traces)
+    return PairResult(images[:originals], images[originals:], list(prompts), settings, traces)
