@@ -64,6 +64,18 @@ class ConceptStats:
         others = (shares.sum(0, keepdim=True) - shares) / max(1, count - 1)
         return shares - others
 
+    def concepts_driving(self, latent: int, count: int = 5) -> list[tuple[str, float]]:
+        """The concepts on which a latent fires most (time-averaged mean activation), strongest first."""
+        if not 0 <= latent < self.mean_acts.shape[-1]:
+            raise ValueError(f"neuron must be in [0, {self.mean_acts.shape[-1] - 1}], got {latent}.")
+        activation = self.mean_acts[:, :, latent].mean(1)
+        order = torch.argsort(activation, descending=True)[:count].tolist()
+        return [(self.concepts[i], float(activation[i])) for i in order]
+
+    def score_profile(self, concept: str) -> Tensor:
+        """[L] a concept's time-averaged score over every latent (one spike, or many peaks)."""
+        return self.scores()[self.index(concept)].mean(0)
+
     def step_for_timestep(self, timestep: float) -> int:
         """The statistics step nearest to a sampler timestep (so any step count can use them)."""
         return int(torch.argmin((self.timesteps.float() - float(timestep)).abs()))

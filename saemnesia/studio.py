@@ -84,6 +84,24 @@ class Studio:
             return prompt, f"The prompt is {length} tokens long; only the first {tokenizer.model_max_length} are used."
         return prompt, None
 
+    def neighbour_prompts(self, prompt: str, concepts: list[str], count: int = 3) -> list[str]:
+        """The prompt with an erased concept swapped for others of its kind: what the erasure must spare."""
+        if not concepts:
+            return []
+        erased = concepts[0]
+        kind = self.world.kind_of(erased)
+        pool = [c for c in (self.world.objects if kind == "object" else self.world.styles) if c not in concepts]
+        if erased in prompt:
+            return [prompt.replace(erased, other) for other in pool[:count]]
+        template = self.world.templates[0]
+        default_style = self.world.styles[0] if self.world.styles else ""
+        return [
+            self.world.prompt(other, default_style, template)
+            if kind == "object"
+            else self.world.prompt(self.world.objects[0], other, template)
+            for other in pool[:count]
+        ]
+
     def hooks(
         self,
         concepts: list[str],

@@ -1,0 +1,362 @@
+"""SAEmnesia Studio: the web app. Layout and callbacks only; every computation is in `saemnesia`.
+
+    python app.py [--host 127.0.0.1] [--port 7860] [--world minicanvas] [--model PATH] [--device auto]
+
+Every event has an `api_name`, so each action is also an HTTP / `gradio_client` endpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import gradio as gr  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from saemnesia.heatmaps import mask_overlay, overlay, upscale  # noqa: E402
+from saemnesia.studio import Studio  # noqa: E402
+from saemnesia.worlds import WORLDS  # noqa: E402
+
+DISPLAY = 256
+METHOD_CHOICES = {"SAEmnesia": ["saemnesia"], "SAeUron (baseline)": ["saeuron"], "Both": ["saemnesia", "saeuron"]}
+STRENGTH_PRESETS = {"gentle (-5)": -5, "standard (-10)": -10, "strong (-25)": -25, "very strong (-60)": -60}
+
+ABOUT = """
+**SAEmnesia** ([Cassano et al., ICML 2026, arXiv 2509.21379](https://arxiv.org/abs/2509.21379)) erases a
+concept from a text-to-image diffusion model by switching down **one neuron** of a *supervised* sparse
+autoencoder (SAE) that reads a cross-attention block of the UNet. The SAE is first trained without labels,
+as in **SAeUron** ([Cywiński & Deja, ICML 2025, arXiv 2501.18052](https://arxiv.org/abs/2501.18052)); then
+it is fine-tuned with the prompt's labels so that every concept (an object, a style) lands on exactly one
+latent. At inference a hook encodes each image token, multiplies the concept's latent by
+`strength × its mean activation` wherever it fires above its mean on other concepts, and adds back only
+the change, `x + (z_edit − z) W_dec`. No weight of the diffusion model changes; turning the hook off undoes
+the erasure; the only knob is the strength. SAeUron instead edits, at every step, the few latents of an
+unsupervised SAE that score highest for the concept, and must search how many.
+
+**This world.** MiniCanvas is our small world in the image of UnlearnCanvas: procedurally drawn objects in
+styles, a text-to-image model of Stable Diffusion's exact architecture trained from scratch on it, and a
+classifier that tells objects and styles apart. Everything runs on a CPU, offline.
+"""
+
+
+def verdict_caption(classifier, image, label: str) -> str:
+    if classifier is None:
+        return label
+    from saemnesia.minicanvas.classifier import classify
+
+    verdict = classify(classifier, [image])[0]
+    return f"{label} · {verdict.object} ({verdict.object_prob:.0%}) · {verdict.style} ({verdict.style_prob:.0%})"
+
+
+def load_results(world) -> dict:
+    """The cached outputs of the CLI's benchmark commands (missing ones are simply absent)."""
+    results = {}
+    if world.assets is None:
+        return results
+    for name, path in {
+        "benchmark": world.assets / "results" / "results.json",
+        "quality": world.assets / "quality.json",
+        "centralisation": world.sae_folder("supervised", "object") / "centralisation.json",
+    }.items():
+        if path.is_file():
+            results[name] = json.loads(path.read_text())
+    return results
+
+
+def build_app(studio: Studio, classifier=None) -> gr.Blocks:
+    world = studio.world
+    results = load_results(world)
+    with gr.Blocks(title="SAEmnesia Studio") as app:
+        gr.Markdown(
+            f"# SAEmnesia Studio\nErase a concept from a diffusion model by switching off **one neuron**. "
+            f"World: **{world.name}** ({len(world.objects)} objects × {len(world.styles)} styles)."
+        )
+        last_run = gr.State(None)
+        with gr.Tabs():
+            with gr.Tab("Erase"):
+                erase_tab(studio, classifier, last_run)
+            with gr.Tab("Inspect"):
+                inspect_tab(studio, last_run)
+            with gr.Tab("Neurons"):
+                neurons_tab(studio, results)
+            with gr.Tab("Metrics"):
+                metrics_tab(studio, classifier, results)
+            with gr.Tab("About"):
+                gr.Markdown(ABOUT)
+    return app
+
+
+def erase_tab(studio: Studio, classifier, last_run: gr.State) -> None:
+    world = studio.world
+    with gr.Row():
+        with gr.Column(scale=2):
+            prompt = gr.Textbox(label="Prompt", value=world.examples[0], max_lines=2)
+            gr.Examples([[e] for e in world.examples], inputs=[prompt], label="Example prompts")
+            concepts = gr.Dropdown(
+                choices=list(world.concepts),
+                value=[world.objects[3] if len(world.objects) > 3 else world.objects[0]],
+                multiselect=True,
+                label="Concepts to erase",
+                info="Objects and styles, by name; several at once.",
+            )
+            method = gr.Radio(list(METHOD_CHOICES), value="Both", label="Method")
+            with gr.Row():
+                strength = gr.Slider(-60, 0, value=-10, step=1, label="Strength γ (negative erases)")
+                preset = gr.Radio(list(STRENGTH_PRESETS), label="Presets", value=None)
+            with gr.Accordion("Sampling", open=False):
+                seed = gr.Number(value=0, precision=0, minimum=0, label="Seed")
+                steps = gr.Slider(1, 50, value=world.steps, step=1, label="Steps")
+                guidance = gr.Slider(0, 15, value=world.guidance, step=0.5, label="Guidance")
+                start_step = gr.Slider(0, 49, value=0, step=1, label="Start step (edit from this step on)")
+                features = gr.Slider(1, 3, value=1, step=1, label="SAeUron: latents per step (its percentile)")
+            run = gr.Button("Erase", variant="primary")
+        with gr.Column(scale=3):
+            slider = gr.ImageSlider(label="Before / after (SAEmnesia, or the method chosen)", height=DISPLAY)
+            panes = gr.Gallery(label="Original and erased, same seed", columns=3, height=DISPLAY + 60)
+            neighbours = gr.Gallery(label="Neighbours: the same erasure on other concepts (should survive)", columns=3)
+            status = gr.Markdown()
+    preset.change(lambda name: STRENGTH_PRESETS.get(name, -10), preset, strength, api_name=False)
+
+    def erase(prompt, concepts, method, strength, seed, steps, guidance, start_step, features, progress=gr.Progress()):
+        methods = METHOD_CHOICES.get(method)
+        if methods is None:
+            raise gr.Error(f"method must be one of {', '.join(METHOD_CHOICES)}, got {method!r}.")
+        try:
+            prompt, _ = studio.check_prompt(prompt)
+            prompts = [prompt] + studio.neighbour_prompts(prompt, list(concepts or []))
+            started, runs = time.perf_counter(), {}
+            for index, name in enumerate(methods):
+                progress(index / len(methods), desc=f"Generating with {name}")
+                runs[name] = studio.erase(
+                    prompts,
+                    list(concepts or []),
+                    method=name,
+                    strength=float(strength),
+                    seed=int(seed) if seed is not None else -1,
+                    steps=int(steps),
+                    guidance=float(guidance),
+                    start_step=int(start_step),
+                    features_per_step=int(features),
+                    record=True,
+                )
+        except (ValueError, KeyError) as error:
+            raise gr.Error(str(error)) from None
+        elapsed = time.perf_counter() - started
+        first = runs[methods[0]]
+        original = first.originals[0]
+        gallery = [(upscale(original, DISPLAY), verdict_caption(classifier, original, "original"))]
+        for name, result in runs.items():
+            gallery.append(
+                (upscale(result.erased[0], DISPLAY), verdict_caption(classifier, result.erased[0], f"erased · {name}"))
+            )
+        neighbour_panes = []
+        for index, neighbour in enumerate(first.prompts[1:], start=1):
+            erased = first.erased[index]
+            neighbour_panes.append(
+                (upscale(erased, DISPLAY), verdict_caption(classifier, erased, f"“{neighbour}” erased"))
+            )
+        notes = [f"{len(methods) * 2 * len(prompts)} images in {elapsed:.1f} s · seed {int(seed)}"]
+        notes += [f"⚠️ {w}" for w in first.settings.get("warnings", [])]
+        state = {"runs": runs, "concepts": list(concepts or []), "settings": first.settings}
+        return (
+            (upscale(original, DISPLAY), upscale(first.erased[0], DISPLAY)),
+            gallery,
+            neighbour_panes,
+            "\n\n".join(notes),
+            state,
+        )
+
+    run.click(
+        erase,
+        [prompt, concepts, method, strength, seed, steps, guidance, start_step, features],
+        [slider, panes, neighbours, status, last_run],
+        api_name="erase",
+    )
+
+
+def inspect_tab(studio: Studio, last_run: gr.State) -> None:
+    world = studio.world
+    gr.Markdown(
+        "Where does a neuron fire? Run **Erase** first; its activations are kept, so moving the sliders here "
+        "needs no new generation. One colour scale for both runs; the mask shows the tokens the edit changed."
+    )
+    with gr.Row():
+        concept = gr.Dropdown(list(world.concepts), value=world.objects[0], label="Concept (its SAEmnesia neuron)")
+        neuron = gr.Number(value=None, precision=0, label="…or a neuron number (overrides the concept)")
+        method = gr.Radio(["saemnesia", "saeuron"], value="saemnesia", label="Whose run and SAE")
+    with gr.Row():
+        step = gr.Slider(0, 49, value=10, step=1, label="Step")
+        opacity = gr.Slider(0, 1, value=0.6, step=0.05, label="Heatmap opacity")
+    with gr.Row():
+        original_map = gr.Image(label="Original run", height=DISPLAY)
+        erased_map = gr.Image(label="Erased run", height=DISPLAY)
+        mask = gr.Image(label="Edit mask (tokens changed)", height=DISPLAY)
+    info = gr.Markdown()
+
+    def inspect(state, concept, neuron, method, step, opacity):
+        if not state or method not in state["runs"]:
+            raise gr.Error(f"No {method} run to inspect yet: press Erase on the Erase tab (method {method} or Both).")
+        kind = world.kind_of(concept) if concept in world.concepts else "object"
+        bundle = studio.bundles.get((method, kind))
+        result = state["runs"][method]
+        trace = result.traces.get(bundle.block) if bundle else None
+        if trace is None:
+            raise gr.Error(f"The last run recorded no {kind} activations for {method}.")
+        if neuron is not None and neuron != "":
+            latent = int(neuron)
+            if not 0 <= latent < bundle.sae.num_latents:
+                raise gr.Error(f"neuron must be in [0, {bundle.sae.num_latents - 1}], got {latent}.")
+        elif bundle.dictionary is not None:
+            latent = bundle.dictionary.latent(concept)
+        else:
+            latent = int(bundle.stats.score_profile(concept).argmax())
+        step = min(int(step), len(trace.timesteps) - 1)
+        count = len(result.prompts)
+        maps = [trace.latent_map(latent, step, row) for row in (0, count)]
+        scale = max(
+            float(trace.latent_map(latent, s, r).max()) for s in range(len(trace.timesteps)) for r in (0, count)
+        )
+        scale = scale or 1.0
+        images = [
+            overlay(result.originals[0], maps[0], scale, opacity, DISPLAY),
+            overlay(result.erased[0], maps[1], scale, opacity, DISPLAY),
+        ]
+        edit = mask_overlay(result.erased[0], trace.edit_mask(step, count), DISPLAY)
+        text = (
+            f"Neuron **{latent}** at `{bundle.block}`, step {step} (t = {trace.timesteps[step]}). "
+            f"Peak activation: original {float(maps[0].max()):.2f}, erased {float(maps[1].max()):.2f} "
+            f"(colour scale 0 – {scale:.2f}). Tokens edited: {int(trace.edit_mask(step, count).sum())}."
+        )
+        return *images, edit, text
+
+    inputs = [last_run, concept, neuron, method, step, opacity]
+    outputs = [original_map, erased_map, mask, info]
+    gr.Button("Show", variant="primary").click(inspect, inputs, outputs, api_name="inspect")
+    for control in (step, opacity):
+        control.release(inspect, inputs, outputs, api_name=False)
+
+
+def neurons_tab(studio: Studio, results: dict) -> None:
+    world = studio.world
+
+    def concept_table() -> pd.DataFrame:
+        rows = []
+        for (method, kind), bundle in sorted(studio.bundles.items()):
+            if bundle.dictionary is None:
+                continue
+            for concept, latent in bundle.dictionary.latents.items():
+                rows.append({"concept": concept, "kind": kind, "neuron": latent, "block": bundle.block, "sae": method})
+        return pd.DataFrame(rows, columns=["concept", "kind", "neuron", "block", "sae"])
+
+    gr.Markdown("### Concept → neuron (the SAEmnesia dictionary)")
+    table = gr.Dataframe(concept_table(), interactive=False)
+    with gr.Row():
+        with gr.Column():
+            gr.Markdown("### Which concepts drive a neuron?")
+            neuron = gr.Number(value=0, precision=0, label="Neuron")
+            kind = gr.Radio(["object", "style"], value="object", label="Block (object or style SAE)")
+            variant = gr.Radio(["saemnesia", "saeuron"], value="saemnesia", label="SAE")
+            drivers = gr.Dataframe(headers=["concept", "mean activation"], interactive=False)
+        with gr.Column():
+            gr.Markdown("### A concept's score over every latent: one spike (supervised) or many peaks")
+            concept = gr.Dropdown(list(world.concepts), value=world.objects[0], label="Concept")
+            profile = gr.LinePlot(x="latent", y="score", color="SAE", height=300)
+
+    def neuron_concepts(neuron, kind, variant):
+        bundle = studio.bundles.get((variant, kind))
+        if bundle is None:
+            raise gr.Error(f"No {variant} SAE for {kind}s in this world.")
+        try:
+            pairs = bundle.stats.concepts_driving(int(neuron or 0))
+        except ValueError as error:
+            raise gr.Error(str(error)) from None
+        return pd.DataFrame(pairs, columns=["concept", "mean activation"]).round(4)
+
+    def score_profile(concept):
+        if concept not in world.concepts:
+            raise gr.Error(f"Unknown concept {concept!r}; known: {', '.join(world.concepts)}.")
+        frames = []
+        for variant, label in (("saemnesia", "supervised (SAEmnesia)"), ("saeuron", "unsupervised (SAeUron)")):
+            bundle = studio.bundles.get((variant, world.kind_of(concept)))
+            if bundle is not None:
+                scores = bundle.stats.score_profile(concept).numpy()
+                frames.append(pd.DataFrame({"latent": range(len(scores)), "score": scores, "SAE": label}))
+        return pd.concat(frames) if frames else pd.DataFrame({"latent": [], "score": [], "SAE": []})
+
+    gr.Button("Find concepts").click(neuron_concepts, [neuron, kind, variant], drivers, api_name="neuron_concepts")
+    concept.change(score_profile, concept, profile, api_name="score_profile")
+    gr.Button("Refresh table", size="sm").click(concept_table, None, table, api_name="concept_table")
+    if "centralisation" in results:
+        gr.Markdown("### Feature centralisation (share of a concept's positive score held by its best latent)")
+        gr.JSON(results["centralisation"].get("summary", results["centralisation"]))
+
+
+def metrics_tab(studio: Studio, classifier, results: dict) -> None:
+    gr.Markdown("### Benchmark (cached; `python -m saemnesia evaluate` makes it)")
+    benchmark = results.get("benchmark")
+    if benchmark:
+        gr.Markdown(benchmark.get("markdown", ""))
+        plots = sorted((studio.world.assets / "results").glob("*.png"))
+        if plots:
+            gr.Gallery([str(p) for p in plots], columns=2, label="Strength and sequential curves")
+    else:
+        gr.Markdown("No cached benchmark yet.")
+    if "quality" in results:
+        quality = results["quality"]
+        gr.Markdown(
+            f"**World quality:** the classifier recognises the object in {quality['object_accuracy']:.1%} and the "
+            f"style in {quality['style_accuracy']:.1%} of the model's own images ({quality['images']} images)."
+        )
+    gr.Markdown("### Live check of an erasure (a handful of seeds)")
+    with gr.Row():
+        concept = gr.Dropdown(list(studio.world.concepts), value=studio.world.objects[0], label="Concept")
+        method = gr.Radio(["saemnesia", "saeuron"], value="saemnesia", label="Method")
+        strength = gr.Slider(-60, 0, value=-10, step=1, label="Strength")
+        seeds = gr.Slider(1, 8, value=2, step=1, label="Seeds")
+    check = gr.Dataframe(headers=["metric", "value (%)"], interactive=False)
+
+    def quick_check(concept, method, strength, seeds, progress=gr.Progress()):
+        if classifier is None:
+            raise gr.Error("No classifier in this world: live checks need one.")
+        from saemnesia.evaluate import live_check
+
+        try:
+            scores = live_check(studio, classifier, concept, method, float(strength), int(seeds), progress=progress)
+        except (ValueError, KeyError) as error:
+            raise gr.Error(str(error)) from None
+        return pd.DataFrame(list(scores.items()), columns=["metric", "value (%)"]).round(1)
+
+    gr.Button("Check").click(quick_check, [concept, method, strength, seeds], check, api_name="quick_check")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="SAEmnesia Studio")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
+    parser.add_argument("--world", choices=sorted(WORLDS), default="minicanvas")
+    parser.add_argument("--model", help="diffusers folder or hub id (default: the world's)")
+    parser.add_argument("--assets", help="folder of SAEs, statistics and results (default: the world's)")
+    parser.add_argument("--device", help="cpu, cuda, … (default: CUDA if present)")
+    args = parser.parse_args(argv)
+    world = WORLDS[args.world]
+    if args.assets:
+        world = replace(world, assets=Path(args.assets))
+    studio = Studio.load(world, device=args.device, model=args.model)
+    classifier = None
+    if world.assets is not None and (world.assets / "classifier").is_dir():
+        from saemnesia.minicanvas.classifier import load_classifier
+
+        classifier = load_classifier(world.assets / "classifier")
+    app = build_app(studio, classifier)
+    app.queue(default_concurrency_limit=1, max_size=32)
+    app.launch(server_name=args.host, server_port=args.port, theme=gr.themes.Soft(), show_error=True)
+
+
+if __name__ == "__main__":
+    main()
