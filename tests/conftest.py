@@ -83,3 +83,43 @@ def tiny_pipeline() -> StableDiffusionPipeline:
 @pytest.fixture(scope="session")
 def tiny_sae() -> Sae:
     return make_tiny_sae()
+
+
+def make_tiny_studio():
+    """A Studio on the tiny pipeline: 3 objects x 2 styles, SAEs on two blocks with synthetic statistics."""
+    from dataclasses import replace
+
+    from saemnesia.concepts import ConceptStats, build_dictionary
+    from saemnesia.generate import sampler_timesteps
+    from saemnesia.studio import SaeBundle, Studio
+    from saemnesia.worlds import MINICANVAS
+
+    world = replace(
+        MINICANVAS,
+        objects=("star", "circle", "heart"),
+        styles=("neon", "sketch"),
+        object_block="up_blocks.1.attentions.1",
+        style_block="up_blocks.1.attentions.0",
+        steps=2,
+        height=16,
+        width=16,
+        assets=None,
+        model="tiny",
+    )
+    pipeline = make_tiny_pipeline()
+    timesteps = torch.tensor(sampler_timesteps(pipeline, world.steps))
+    bundles = {}
+    for seed, (method, kind) in enumerate([(m, k) for m in ("saemnesia", "saeuron") for k in ("object", "style")]):
+        sae = make_tiny_sae()
+        generator = torch.Generator().manual_seed(seed)
+        mean_acts = torch.rand(len(world.concepts), len(timesteps), sae.num_latents, generator=generator)
+        kinds = [world.kind_of(c) for c in world.concepts]
+        stats = ConceptStats(list(world.concepts), kinds, timesteps, mean_acts)
+        dictionary = build_dictionary(stats) if method == "saemnesia" else None
+        bundles[method, kind] = SaeBundle(sae, world.block_for(kind), stats, dictionary)
+    return Studio(world, pipeline, bundles)
+
+
+@pytest.fixture(scope="session")
+def tiny_studio():
+    return make_tiny_studio()

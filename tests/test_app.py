@@ -1,0 +1,89 @@
+"""The app served on loopback, every endpoint called through gradio_client, and a real browser."""
+
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+from gradio_client import Client
+
+import app as studio_app
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tiny_studio):
+    demo = studio_app.build_app(tiny_studio, classifier=None)
+    demo.queue(default_concurrency_limit=1, max_size=8)
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    return Client(served, verbose=False)
+
+
+def test_every_event_has_an_api_name(client):
+    endpoints = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
+    assert {"/erase", "/inspect", "/neuron_concepts", "/score_profile", "/concept_table", "/quick_check"} <= endpoints
+
+
+def test_erase_returns_pair_panes_and_neighbours(client):
+    slider, panes, neighbours, status = client.predict(
+        "a star in neon style", ["star"], "Both", -10, 0, 2, 5.0, 0, 1, api_name="/erase"
+    )
+    assert len(slider) == 2 and all(slider)
+    assert len(panes) == 3  # original, SAEmnesia, SAeUron
+    assert len(neighbours) == 2  # the star swapped for the two other objects
+    assert "images in" in status
+
+
+def test_erase_refuses_unknown_concept_with_its_name(client):
+    with pytest.raises(Exception, match="unicorn"):
+        client.predict("a star", ["unicorn"], "SAEmnesia", -10, 0, 2, 5.0, 0, 1, api_name="/erase")
+
+
+def test_inspect_shows_maps_of_the_last_run(client):
+    client.predict("a star in neon style", ["star"], "SAEmnesia", -10, 0, 2, 5.0, 0, 1, api_name="/erase")
+    original, erased, mask, info = client.predict("star", None, "saemnesia", 1, 0.6, api_name="/inspect")
+    assert original and erased and mask
+    assert "Neuron" in info
+
+
+def test_neuron_tools(client):
+    drivers = client.predict(0, "object", "saemnesia", api_name="/neuron_concepts")
+    assert len(drivers["data"]) == 5
+    table = client.predict(api_name="/concept_table")
+    assert {row[0] for row in table["data"]} >= {"star", "circle", "heart", "neon", "sketch"}
+    profile = client.predict("star", api_name="/score_profile")
+    assert profile is not None
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (installed by .ci/run)")
+def test_browser_erases_and_shows_both_images(served, tmp_path):
+    script = f"""
+from playwright.sync_api import sync_playwright
+with sync_playwright() as p:
+    browser = p.chromium.launch(executable_path="{shutil.which("chromium")}", args=["--no-sandbox", "--disable-gpu"])
+    page = browser.new_page(viewport={{"width": 1280, "height": 900}})
+    page.goto("{served}")
+    page.get_by_role("button", name="Erase", exact=True).click()
+    page.wait_for_selector("text=images in", timeout=60000)
+    images = page.locator("img").count()
+    page.screenshot(path="{tmp_path / "erase.png"}", full_page=True)
+    print(images)
+    browser.close()
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert int(result.stdout.strip().splitlines()[-1]) >= 3
+    assert (tmp_path / "erase.png").stat().st_size > 10_000
