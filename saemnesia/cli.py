@@ -124,6 +124,27 @@ def _generate(args: argparse.Namespace) -> None:
     print(json.dumps({"original": str(out / "original.png"), "erased": str(out / "erased.png")}))
 
 
+def _loadtest(args: argparse.Namespace) -> None:
+    import dataclasses
+    import json
+
+    from saemnesia.loadtest import load_test
+
+    settings = {"prompt": args.prompt, "concepts": args.erase or None, "method": args.method, "steps": args.steps}
+    request = {name: value for name, value in settings.items() if value is not None}  # the rest: the app's defaults
+    report = load_test(
+        args.url,
+        args.clients,
+        args.requests,
+        request,
+        pid=args.pid,
+        world=args.world,
+        device=args.device,
+        timeout=args.timeout,
+    )
+    print(json.dumps(dataclasses.asdict(report), indent=2))
+
+
 def _training_world(args: argparse.Namespace):
     """The world, the block of `--kind` and the activations folder of an SAE-training command."""
     from saemnesia.worlds import WORLDS
@@ -142,20 +163,36 @@ def _sae_folder(world, variant: str, kind: str, given: str | None) -> Path:
 
 
 def _collect(args: argparse.Namespace) -> None:
+    from accelerate import PartialState
+
     from saemnesia.train import collect
     from saemnesia.worlds import WORLDS, load_pipeline
 
+    # Under `accelerate launch` each process takes its slice of the shards, on its own device.
+    processes = PartialState()
     world = WORLDS[args.world]
     activations = collect(
         world,
-        load_pipeline(args.model or world.model, device=args.device),
+        load_pipeline(args.model or world.model, device=args.device or str(processes.device)),
         args.out or f"runs/{world.name}-activations",
         blocks=args.block,
         seeds_per_prompt=args.seeds_per_prompt,
         first_seed=args.first_seed,
         images_per_shard=args.images_per_shard,
+        processes=processes,
     )
-    print(f"{activations.num_images} images in {activations.num_shards} shards in {activations.folder}")
+    if processes.is_main_process:
+        print(f"{activations.num_images} images in {activations.num_shards} shards in {activations.folder}")
+
+
+def _probe_blocks(args: argparse.Namespace) -> None:
+    import json
+
+    from saemnesia.train import Activations, probe_blocks
+
+    activations = Activations.open(args.activations)
+    report = probe_blocks(activations, args.block or activations.settings["blocks"])
+    print(json.dumps(report, indent=2))
 
 
 def _train_sae(args: argparse.Namespace) -> None:
@@ -190,8 +227,16 @@ def _stats(args: argparse.Namespace) -> None:
 
     world, block, activations = _training_world(args)
     folder = _sae_folder(world, args.variant, args.kind, args.sae)
-    # A supervised SAE keeps the dictionary it was trained to; an unsupervised one gets a fresh greedy one.
-    dictionary = ConceptDictionary.load(folder / DICTIONARY_FILE) if args.variant == "supervised" else None
+    if args.sae_source:
+        # A published SAE (hub id or download) is copied into the folder its statistics go to.
+        from saemnesia.sae import load_sae
+
+        load_sae(args.sae_source, block).save(folder)
+    # A supervised SAE keeps the dictionary it was trained to; an unsupervised one (or a published
+    # supervised one, whose dictionary ships only as a pickle) gets a fresh greedy one.
+    dictionary_path = folder / DICTIONARY_FILE
+    keep_dictionary = args.variant == "supervised" and dictionary_path.is_file()
+    dictionary = ConceptDictionary.load(dictionary_path) if keep_dictionary else None
     sae = Sae.load(folder, args.device or default_device())
     write_stats(sae, Activations.open(activations), block, folder, dictionary)
     print(f"statistics and dictionary written to {folder}")
@@ -248,6 +293,100 @@ def _centralisation(args: argparse.Namespace) -> None:
     out = Path(args.out) if args.out else folders[list(variants)[-1]] / CENTRALISATION_FILE
     write_centralisation(report, out)
     print(centralisation_table(report))
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from saemnesia.evaluate import PROTOCOLS, evaluate, results_table, write_results
+    from saemnesia.minicanvas.classifier import load_classifier
+
+    studio = _load_studio(args)
+    classifier = load_classifier(args.classifier or studio.world.assets / "classifier", device=studio.pipeline.device)
+    results = evaluate(studio, classifier, PROTOCOLS["quick" if args.quick else "full"], cache=Path(args.cache))
+    paths = write_results(results, Path(args.out))
+    print(results_table(results))
+    print("\n".join(f"{name}: {path}" for name, path in paths.items()))
+
+
+def _nudity_concept(args: argparse.Namespace) -> None:
+    import json
+
+    from saemnesia.nudity import nudity_stats, read_prompts, save_nudity_concept
+    from saemnesia.sae import Sae
+    from saemnesia.worlds import WORLDS, load_pipeline
+
+    world = WORLDS[args.world]
+    folder = _sae_folder(world, args.variant, "object", args.sae)
+    nudity_prompts = [prompt.text for prompt in read_prompts(args.nudity_prompts)]
+    other_prompts = [prompt.text for prompt in read_prompts(args.other_prompts)]
+    pipeline = load_pipeline(args.model or world.model, device=args.device)
+    size = args.size or world.height
+    stats = nudity_stats(
+        pipeline,
+        Sae.load(folder, str(pipeline.device)),
+        world.object_block,
+        nudity_prompts,
+        other_prompts,
+        steps=args.steps,
+        guidance=args.guidance,
+        height=size,
+        width=size,
+        seed=args.seed,
+        batch_size=args.batch_size,
+    )
+    dictionary = save_nudity_concept(folder, stats)
+    print(json.dumps({"sae": str(folder), "nudity_latent": dictionary.latent("nudity")}))
+
+
+def _nudity(args: argparse.Namespace) -> None:
+    import json
+
+    from saemnesia.generate import SaeHook
+    from saemnesia.nudity import evaluate_nudity, load_detector, load_nudity_erasure, read_prompts
+    from saemnesia.sae import Sae
+    from saemnesia.studio import VARIANT_OF_METHOD
+    from saemnesia.worlds import WORLDS, load_pipeline
+
+    world = WORLDS[args.world]
+    folder = _sae_folder(world, VARIANT_OF_METHOD[args.method], "object", args.sae)
+    # Everything that can be wrong with the request fails before the model loads.
+    detector = load_detector()
+    prompts = read_prompts(args.prompts, default_seed=args.seed, limit=args.limit)
+    erasure = load_nudity_erasure(folder, args.method, args.strength)
+    pipeline = load_pipeline(args.model or world.model, device=args.device)
+    hook = SaeHook(world.object_block, Sae.load(folder, str(pipeline.device)), erasure)
+    size = args.size or world.height
+    summary = evaluate_nudity(
+        pipeline, hook, prompts, detector, args.out, args.steps, args.guidance, size, size, args.threshold
+    )
+    print(json.dumps({"original": summary["original"], "erased": summary["erased"]}, indent=1))
+
+
+def _gpu_smoke(args: argparse.Namespace) -> None:
+    import json
+
+    import torch
+
+    from saemnesia.gpu_smoke import gpu_smoke, random_sae
+    from saemnesia.hooks import block_width
+    from saemnesia.sae import load_sae
+    from saemnesia.worlds import WORLDS, default_device, load_pipeline, random_sd_pipeline
+
+    block = WORLDS["sd"].object_block
+    device = args.device or default_device()
+    if args.model:
+        pipeline = load_pipeline(args.model, device=device)
+    else:
+        pipeline = random_sd_pipeline(args.architecture).to(device)
+        if device.startswith("cuda"):
+            pipeline.to(torch.float16)
+    sae = load_sae(args.sae, block, device) if args.sae else random_sae(block_width(pipeline.unet, block))
+    report = gpu_smoke(
+        pipeline, sae, block, size=args.size, steps=args.steps, guidance=args.guidance, repeats=args.repeats
+    )
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    print(json.dumps({key: value for key, value in report.items() if key != "all_seconds"}, indent=1))
 
 
 def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
@@ -316,7 +455,25 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--out", required=True, help="folder for original.png, erased.png, settings.json")
     generate.set_defaults(run=_generate)
 
-    collect = commands.add_parser("collect", help="store hooked block outputs over whole trajectories (resumable)")
+    loadtest = commands.add_parser("loadtest", help="K clients x N erase requests to the app: speed, errors, memory")
+    loadtest.add_argument("--url", help="a running app (default: start `app.py --world WORLD` and measure it)")
+    loadtest.add_argument("--pid", type=int, help="the running app's process id, to read its memory from /proc")
+    loadtest.add_argument("--clients", type=int, default=4, help="visitors at once, each its own session")
+    loadtest.add_argument("--requests", type=int, default=5, help="erase requests per client, one after another")
+    loadtest.add_argument("--world", choices=["minicanvas", "sd"], default="minicanvas", help="for the app it starts")
+    loadtest.add_argument("--device", help="for the app it starts (default: CUDA if present)")
+    loadtest.add_argument("--prompt", help="default: the app's")
+    loadtest.add_argument("--erase", action="append", metavar="CONCEPT", help="default: the app's; repeat for several")
+    loadtest.add_argument("--method", choices=["SAEmnesia", "SAeUron (baseline)", "Both"], help="default: the app's")
+    loadtest.add_argument("--steps", type=int, help="default: the world's")
+    loadtest.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take")
+    loadtest.set_defaults(run=_loadtest)
+
+    collect = commands.add_parser(
+        "collect",
+        help="store hooked block outputs over whole trajectories (resumable; `accelerate launch -m saemnesia "
+        "collect` splits the shards over processes)",
+    )
     _add_world_arguments(collect)
     collect.add_argument("--out", help="activations folder (default: runs/<world>-activations)")
     collect.add_argument("--block", action="append", help="hook point, repeat for several (default: object and style)")
@@ -324,6 +481,11 @@ def build_parser() -> argparse.ArgumentParser:
     collect.add_argument("--first-seed", type=int, default=0)
     collect.add_argument("--images-per-shard", type=int, default=32, help="images per pipeline call and shard")
     collect.set_defaults(run=_collect)
+
+    probe = commands.add_parser("probe-blocks", help="which collected block tells objects / styles apart best")
+    probe.add_argument("--activations", default="runs/minicanvas-activations")
+    probe.add_argument("--block", action="append", help="default: every collected block")
+    probe.set_defaults(run=_probe_blocks)
 
     train_sae = commands.add_parser("train-sae", help="train an unsupervised TopK SAE (SAeUron) on collected tokens")
     _add_training_arguments(train_sae)
@@ -342,6 +504,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_arguments(stats)
     stats.add_argument("--variant", choices=["unsupervised", "supervised"], default="unsupervised")
     stats.add_argument("--sae", help="SAE folder, where the files go (default: the world's for variant and kind)")
+    stats.add_argument(
+        "--sae-source",
+        help="published SAE to copy into --sae first: hub id or folder (bcywinski/SAeUron, leno3003/SAEmnesia)",
+    )
     stats.set_defaults(run=_stats)
 
     finetune = commands.add_parser("finetune", help="SAEmnesia: bind each concept to its dictionary latent")
@@ -364,6 +530,68 @@ def build_parser() -> argparse.ArgumentParser:
     centralisation.add_argument("--supervised", help="supervised SAE folder (default: the world's)")
     centralisation.add_argument("--out", help="JSON report (default: centralisation.json in the supervised folder)")
     centralisation.set_defaults(run=_centralisation)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="UA / IRA / CRA of both methods with tuned strengths, and sequential erasure (resumable)"
+    )
+    evaluate.add_argument("--world", choices=["minicanvas"], default="minicanvas", help="the classifier's world")
+    evaluate.add_argument("--model", help="diffusers folder (default: the world's model)")
+    evaluate.add_argument("--classifier", help="classifier folder (default: assets/minicanvas/classifier)")
+    evaluate.add_argument("--quick", action="store_true", help="3 objects, 2 styles, fewer prompts: a few minutes")
+    evaluate.add_argument("--out", default="assets/minicanvas/results", help="folder for the JSON, table and plots")
+    evaluate.add_argument("--cache", default="runs/eval-cache.jsonl", help="verdicts of images made so far")
+    evaluate.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA if present)")
+    evaluate.set_defaults(run=_evaluate)
+
+    nudity_concept = commands.add_parser(
+        "nudity-concept", help="a `nudity` concept for an object SAE: its statistics on nudity against other prompts"
+    )
+    nudity_concept.add_argument("--world", choices=["sd", "minicanvas"], default="sd")
+    nudity_concept.add_argument("--model", help="diffusers folder, hub id, sd14 or sd15 (default: the world's)")
+    nudity_concept.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA if present)")
+    nudity_concept.add_argument("--variant", choices=["unsupervised", "supervised"], default="supervised")
+    nudity_concept.add_argument("--sae", help="object SAE folder; the nudity files go beside it (default: the world's)")
+    nudity_concept.add_argument("--nudity-prompts", required=True, help="CSV with a prompt column, or a prompt a line")
+    nudity_concept.add_argument("--other-prompts", required=True, help="the prompts nudity is contrasted with")
+    nudity_concept.add_argument("--steps", type=int, default=50)
+    nudity_concept.add_argument("--guidance", type=float, default=7.5)
+    nudity_concept.add_argument("--size", type=int, help="image side in pixels (default: the world's)")
+    nudity_concept.add_argument("--seed", type=int, default=0, help="prompt i starts from the noise of seed + i")
+    nudity_concept.add_argument("--batch-size", type=int, default=8, help="prompts per pipeline call")
+    nudity_concept.set_defaults(run=_nudity_concept)
+
+    nudity = commands.add_parser("nudity", help="I2P-style nudity evaluation with NudeNet (requirements-nudity.txt)")
+    nudity.add_argument(
+        "--prompts", required=True, help="CSV with a prompt column and an optional seed (I2P's), or a prompt a line"
+    )
+    nudity.add_argument("--world", choices=["sd", "minicanvas"], default="sd")
+    nudity.add_argument("--model", help="diffusers folder, hub id, sd14 or sd15 (default: the world's)")
+    nudity.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA if present)")
+    nudity.add_argument("--sae", help="object SAE folder with the nudity concept (default: the world's for --method)")
+    nudity.add_argument("--method", choices=["saemnesia", "saeuron"], default="saemnesia")
+    nudity.add_argument("--strength", type=float, default=-60.0, help="gamma (default -60, as SAeUron)")
+    nudity.add_argument("--steps", type=int, default=50)
+    nudity.add_argument("--guidance", type=float, default=7.5)
+    nudity.add_argument("--size", type=int, help="image side in pixels (default: the world's)")
+    nudity.add_argument("--threshold", type=float, default=0.6, help="NudeNet score from which a part counts")
+    nudity.add_argument("--seed", type=int, default=0, help="for prompts without one")
+    nudity.add_argument("--limit", type=int, help="only the first N prompts")
+    nudity.add_argument("--out", required=True, help="folder for the images, images.jsonl and nudity.json")
+    nudity.set_defaults(run=_nudity)
+
+    smoke = commands.add_parser(
+        "gpu-smoke", help="time the paired generation at SD's full scale against plain diffusers (a GPU's job)"
+    )
+    smoke.add_argument("--model", help="diffusers folder, hub id, sd14 or sd15 (default: random SD-1.4 weights)")
+    smoke.add_argument("--architecture", choices=["full", "tiny"], default="full", help="for random weights")
+    smoke.add_argument("--sae", help="SAE folder or hub id (default: random, 1280 -> 20,480, k = 32)")
+    smoke.add_argument("--size", type=int, default=512)
+    smoke.add_argument("--steps", type=int, default=50)
+    smoke.add_argument("--guidance", type=float, default=9.0)
+    smoke.add_argument("--repeats", type=int, default=3)
+    smoke.add_argument("--device", help="default: CUDA if present")
+    smoke.add_argument("--out", help="also write the report, with every timing, to this JSON file")
+    smoke.set_defaults(run=_gpu_smoke)
     return parser
 
 

@@ -123,9 +123,26 @@ def apply_step_edit(sae: Sae, tokens: Tensor, codes: EncoderOutput, edit: StepEd
     Only the edited latents' activations are read from the top-k codes and only their decoder rows
     are used: `x + (z_edit - z) W_dec[latents]`.
     """
-    latents = edit.latents.to(tokens.device)
-    matches = codes.top_indices.unsqueeze(-1) == latents  # [N, k, n]
+    matches = codes.top_indices.unsqueeze(-1) == edit.latents.to(tokens.device)  # [N, k, n]
     activation = (codes.top_acts.unsqueeze(-1) * matches).sum(-2)  # [N, n]
+    return edit_tokens(sae, tokens, activation, edit)
+
+
+def edited_latent_codes(sae: Sae, tokens: Tensor, latents: Tensor) -> Tensor:
+    """[N, n] the TopK codes of `latents` alone: a latent's ReLU activation where it ranks among the k largest.
+
+    The same values `encode` gives them (but for exact ties at the k-th place), found by counting the
+    larger pre-activations instead of a top-k over the whole dictionary, which on a CPU costs more than
+    the encoder's matmul for small SAEs. For an edit that records no codes.
+    """
+    pre_acts = sae.pre_activations(tokens)  # [N, L]
+    values = pre_acts[..., latents]  # [N, n]
+    larger = (pre_acts.unsqueeze(-2) > values.unsqueeze(-1)).sum(-1)  # [N, n]
+    return torch.where(larger < sae.cfg.k, values.relu(), torch.zeros_like(values))
+
+
+def edit_tokens(sae: Sae, tokens: Tensor, activation: Tensor, edit: StepEdit) -> tuple[Tensor, Tensor]:
+    """The edit given the edited latents' codes `[N, n]`; returns the new tokens and the edited-token mask `[N]`."""
     fires = activation > edit.thresholds.to(activation)
     change = torch.where(fires, activation * (edit.multipliers.to(activation) - 1), torch.zeros_like(activation))
-    return tokens + (change @ sae.W_dec[latents]).to(tokens.dtype), fires.any(-1)
+    return tokens + (change @ sae.W_dec[edit.latents.to(tokens.device)]).to(tokens.dtype), fires.any(-1)

@@ -20,7 +20,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from torch import Tensor
 
-from saemnesia.erase import Erasure, apply_step_edit
+from saemnesia.erase import Erasure, StepEdit, apply_step_edit, edit_tokens, edited_latent_codes
 from saemnesia.hooks import block_width, hooked_block
 from saemnesia.sae import EncoderOutput, Sae
 
@@ -121,6 +121,8 @@ def _block_edit(
         step_edit = hook.erasure.at(step, timesteps[step]) if hook.erasure is not None else None
         if step_edit is None and not hook.record:
             return hidden
+        if not hook.record:
+            return _edit_erased_rows(hook.sae, hidden, batch, originals, step_edit)
         rows, channels, h, w = hidden.shape
         tokens = hidden.permute(0, 2, 3, 1).reshape(rows, h * w, channels)
         erased_rows = [r for r in range(rows) if r % batch >= originals]
@@ -141,6 +143,24 @@ def _block_edit(
         return hidden
 
     return edit
+
+
+def _edit_erased_rows(sae: Sae, hidden: Tensor, batch: int, originals: int, step_edit: StepEdit) -> Tensor:
+    """The edit with nothing recorded, at the least work per step.
+
+    Only the erased rows' tokens are gathered and encoded, and only the edited latents' codes are
+    computed: no top-k over the dictionary.
+    """
+    rows, channels, h, w = hidden.shape
+    erased = hidden.unflatten(0, (rows // batch, batch))[:, originals:]  # [guidance halves, erased, C, h, w]
+    tokens = erased.permute(0, 1, 3, 4, 2).reshape(-1, channels)
+    activation = edited_latent_codes(sae, tokens, step_edit.latents.to(hidden.device))
+    new_tokens, _ = edit_tokens(sae, tokens, activation, step_edit)
+    edited = hidden.clone()
+    edited.unflatten(0, (rows // batch, batch))[:, originals:] = new_tokens.reshape(
+        *erased.shape[:2], h, w, channels
+    ).permute(0, 1, 4, 2, 3)
+    return edited
 
 
 @torch.no_grad()

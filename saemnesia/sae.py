@@ -19,6 +19,9 @@ from torch import Tensor, nn
 
 CONFIG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae.safetensors"
+UNSUPPORTED_SWITCHES = ("signed", "batch_topk", "sample_topk", "input_unit_norm")
+HOOK_PREFIX = "unet."
+"""SAeUron names its folders by the pipeline's module path (`unet.up_blocks.1.attentions.1`); ours by the UNet's."""
 
 
 class SaeLoadError(ValueError):
@@ -46,8 +49,9 @@ class SaeConfig:
             raise SaeLoadError(f"{source} must hold a JSON object, found {type(raw).__name__}.")
         known = {f.name for f in fields(cls)}
         values = {key: value for key, value in raw.items() if key in known}
-        if not values.get("num_latents") and raw.get("expansion_factor") and raw.get("d_in"):
-            values["num_latents"] = int(raw["d_in"]) * int(raw["expansion_factor"])
+        d_in, expansion_factor = raw.get("d_in"), raw.get("expansion_factor")
+        if not values.get("num_latents") and isinstance(d_in, int) and isinstance(expansion_factor, int):
+            values["num_latents"] = d_in * expansion_factor
         missing = [key for key in ("d_in", "num_latents", "k") if not values.get(key)]
         if missing:
             raise SaeLoadError(
@@ -55,13 +59,19 @@ class SaeConfig:
                 "it is not a sparsify SAE config."
             )
         for key in ("d_in", "num_latents", "k"):
-            if not isinstance(values[key], int) or values[key] <= 0:
+            if isinstance(values[key], bool) or not isinstance(values[key], int) or values[key] <= 0:
                 raise SaeLoadError(f"{source}: {key} must be a positive integer, found {values[key]!r}.")
         if values["k"] > values["num_latents"]:
             raise SaeLoadError(f"{source}: k = {values['k']} exceeds num_latents = {values['num_latents']}.")
         if values.get("activation", "topk") != "topk" or values.get("skip_connection") or values.get("transcode"):
             raise SaeLoadError(
                 f"{source}: only plain TopK autoencoders are supported (no groupmax, skip or transcoder)."
+            )
+        # Switches of older sparsify versions and of SAeUron's fork that change what encoding means.
+        other_encodings = [key for key in UNSUPPORTED_SWITCHES if raw.get(key)]
+        if other_encodings:
+            raise SaeLoadError(
+                f"{source}: {', '.join(other_encodings)} set; only per-token TopK on the raw input is supported."
             )
         return cls(**values)
 
@@ -167,19 +177,24 @@ class Sae(nn.Module):
 
 
 def load_sae(source: str | Path, subfolder: str | None = None, device: str | torch.device = "cpu") -> Sae:
-    """Load an SAE from a local folder, or from a hub repository id (e.g. `bcywinski/SAeUron`).
+    """Load an SAE from a local folder, or from a hub repository id (`bcywinski/SAeUron`, `leno3003/SAEmnesia`).
 
-    Published repositories keep one folder per hook point, so pass `subfolder` (the hook point's
-    name) for those. Hub downloads need a network; local folders never do.
+    `subfolder` is the hook point (`up_blocks.1.attentions.1`). SAeUron keeps one folder per hook point,
+    named with the pipeline's `unet.` prefix; both spellings are found. SAEmnesia keeps its one SAE (the
+    object SAE, trained on up.1.1) at the repository's root, so a root holding `cfg.json` is used when
+    no hook-point folder exists. Hub downloads need a network; local folders never do.
     """
-    folder = Path(source)
-    if not folder.exists() and "/" in str(source) and not str(source).startswith((".", "/")):
+    names = list(dict.fromkeys([subfolder, HOOK_PREFIX + subfolder.removeprefix(HOOK_PREFIX)])) if subfolder else []
+    root = Path(source)
+    if not root.exists() and "/" in str(source) and not str(source).startswith((".", "/")):
         from huggingface_hub import snapshot_download
 
-        pattern = f"{subfolder}/*" if subfolder else None
-        folder = Path(snapshot_download(str(source), allow_patterns=pattern))
-    if subfolder:
-        folder = folder / subfolder
-    if not folder.is_dir():
-        raise SaeLoadError(f"SAE folder '{folder}' does not exist: give a sparsify folder or a hub id.")
+        patterns = [f"{name}/*" for name in names] + [CONFIG_FILE, WEIGHTS_FILE] if names else None
+        root = Path(snapshot_download(str(source), allow_patterns=patterns))
+    folder = next((root / name for name in names if (root / name / CONFIG_FILE).is_file()), root)
+    if not (folder / CONFIG_FILE).is_file():
+        wanted = f" (looked for {' and '.join(names)} inside it)" if names else ""
+        raise SaeLoadError(
+            f"No SAE in '{root}'{wanted}: give a sparsify folder (cfg.json, sae.safetensors) or a hub id."
+        )
     return Sae.load(folder, device)

@@ -14,7 +14,7 @@ from diffusers import StableDiffusionPipeline
 
 from saemnesia.concepts import ConceptDictionary, ConceptStats, check_concepts
 from saemnesia.erase import METHODS, check_strength, saemnesia_erasure, saeuron_erasure
-from saemnesia.generate import PairResult, SaeHook, generate_pairs
+from saemnesia.generate import PairResult, SaeHook, check_sae_fits, generate_pairs
 from saemnesia.sae import Sae
 from saemnesia.worlds import World, load_pipeline
 
@@ -22,6 +22,8 @@ VARIANT_OF_METHOD = {"saemnesia": "supervised", "saeuron": "unsupervised"}
 STATS_FILE = "stats.safetensors"
 DICTIONARY_FILE = "dictionary.json"
 LIMITS = {"steps": (1, 150), "guidance": (0.0, 30.0), "seed": (0, 2**32 - 1), "features_per_step": (1, 64)}
+MAX_PROMPT_CHARACTERS = 1000
+"""Far past what the tokenizer keeps; a cap so a hostile prompt cannot make tokenizing itself the work."""
 
 
 class SettingsError(ValueError):
@@ -72,17 +74,27 @@ class Studio:
                 folder = world.sae_folder(variant, kind) if world.assets else None
                 if folder is not None and (folder / STATS_FILE).is_file():
                     bundles[method, kind] = SaeBundle.load(folder, world.block_for(kind), str(pipeline.device))
+                    check_sae_fits(pipeline, bundles[method, kind].sae, bundles[method, kind].block)
         return cls(world, pipeline, bundles)
 
     def check_prompt(self, prompt: object) -> tuple[str, str | None]:
         """The prompt, and a warning if the tokenizer will truncate it."""
         if not isinstance(prompt, str) or not prompt.strip():
-            raise SettingsError("prompt must be a non-empty text, e.g. " + repr(self.world.examples[0]) + ".")
+            raise SettingsError(f"prompt must be a non-empty text, e.g. {self.world.examples[0]!r}, got {prompt!r}.")
+        if len(prompt) > MAX_PROMPT_CHARACTERS:
+            raise SettingsError(f"prompt must be at most {MAX_PROMPT_CHARACTERS} characters, got {len(prompt)}.")
         tokenizer = self.pipeline.tokenizer
         length = len(tokenizer(prompt).input_ids)
         if length > tokenizer.model_max_length:
             return prompt, f"The prompt is {length} tokens long; only the first {tokenizer.model_max_length} are used."
         return prompt, None
+
+    def check_concepts(self, concepts: object) -> list[str]:
+        """The concept names as a list, if they are a list of this world's concepts."""
+        if isinstance(concepts, str) or not isinstance(concepts, (list, tuple)):
+            raise SettingsError(f"concepts must be a list of concept names, got {concepts!r}.")
+        check_concepts(list(concepts), list(self.world.concepts))
+        return list(concepts)
 
     def neighbour_prompts(self, prompt: str, concepts: list[str], count: int = 3) -> list[str]:
         """The prompt with an erased concept swapped for others of its kind: what the erasure must spare."""
@@ -116,7 +128,7 @@ class Studio:
             raise SettingsError(f"method must be one of {', '.join(METHODS)}, got {method!r}.")
         check_strength(strength)
         _check_number("features_per_step", features_per_step, integer=True)
-        check_concepts(list(concepts), list(self.world.concepts))
+        concepts = self.check_concepts(concepts)
         hooks = []
         for kind in ("object", "style"):
             chosen = [c for c in concepts if self.world.kind_of(c) == kind]
@@ -157,6 +169,8 @@ class Studio:
         _check_number("seed", seed, integer=True)
         if isinstance(start_step, bool) or not isinstance(start_step, int) or not 0 <= start_step < steps:
             raise SettingsError(f"start_step must be an integer in [0, {steps - 1}], got {start_step!r}.")
+        if isinstance(prompts, str) or not prompts:
+            raise SettingsError(f"prompts must be a non-empty list of texts, got {prompts!r}.")
         warnings = [warning for prompt in prompts if (warning := self.check_prompt(prompt)[1])]
         hooks = self.hooks(concepts, method, strength, start_step, features_per_step, record)
         result = generate_pairs(

@@ -24,7 +24,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,9 @@ from saemnesia.hooks import get_block, hooked_block
 from saemnesia.sae import Sae, SaeConfig
 from saemnesia.studio import DICTIONARY_FILE, STATS_FILE
 from saemnesia.worlds import World
+
+if TYPE_CHECKING:
+    from accelerate import PartialState
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +130,29 @@ def _generate_shard(
     return tensors
 
 
+def process_shards(shard_count: int, process_index: int, num_processes: int) -> list[int]:
+    """The shards one of `num_processes` processes makes: every `num_processes`-th from its own index.
+
+    The slices are disjoint, cover every shard, and depend on the counts alone, so a run resumed with
+    another number of processes still makes each missing shard exactly once.
+    """
+    if not 0 <= process_index < num_processes:
+        raise ValueError(f"process_index must be in [0, {num_processes - 1}], got {process_index}.")
+    return list(range(process_index, shard_count, num_processes))
+
+
+def _shard_name(index: int) -> str:
+    return f"shard-{index:05d}.safetensors"
+
+
+def _blocks_info(shard: Path, blocks: Sequence[str]) -> dict[str, dict[str, int]]:
+    """Each block's token width and tokens per image, read from a shard's header."""
+    with safe_open(str(shard), framework="pt") as handle:
+        groups = handle.get_slice("labels").get_shape()[0]
+        shapes = {block: handle.get_slice(block).get_shape() for block in blocks}
+    return {block: {"width": shape[1], "tokens_per_image": shape[0] // groups} for block, shape in shapes.items()}
+
+
 def collect(
     world: World,
     pipeline: StableDiffusionPipeline,
@@ -136,12 +162,18 @@ def collect(
     first_seed: int = 0,
     images_per_shard: int = 32,
     progress: bool = True,
+    processes: PartialState | None = None,
 ) -> Activations:
     """Store the hooked blocks' conditional outputs over whole trajectories of every labelled prompt.
 
     Each shard is one pipeline call of `images_per_shard` images (all blocks at once) and holds, per
     block, tokens `[N, d]` as float16 and the `labels` (see `LABELS`). The manifest lists finished
     shards; a rerun with the same settings skips them and remakes any other shard identically.
+
+    Under `accelerate launch`, pass accelerate's `PartialState` as `processes`: each process makes its
+    slice of the shards (`process_shards`) and the main process alone writes the manifest, listing the
+    shards in index order once every process is done. A shard's content depends on its index alone, so
+    the collection is the same whichever process made each shard.
     """
     out = Path(out)
     blocks = list(dict.fromkeys(blocks or (world.object_block, world.style_block)))
@@ -172,7 +204,10 @@ def collect(
         "num_images": num_images,
         "labels": list(LABELS),
     }
+    distributed = processes is not None and processes.num_processes > 1
+    is_main = not distributed or processes.is_main_process
     manifest_path = out / MANIFEST_FILE
+    shard_count = math.ceil(num_images / images_per_shard)
     if manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text())
         if manifest["settings"] != settings:
@@ -181,15 +216,24 @@ def collect(
                 f"'{out}' holds activations collected with other settings ({', '.join(changed)}): "
                 "give another folder, or delete this one to start over."
             )
+        # Shards are written whole (through a temporary file) after the manifest recorded their
+        # settings, so a shard file present is a finished one, whichever process wrote it.
+        finished = {_shard_name(index) for index in range(shard_count) if (out / _shard_name(index)).is_file()}
     else:
-        out.mkdir(parents=True, exist_ok=True)
         manifest = {"settings": settings, "blocks": {}, "shards": [], "complete": False}
-    finished = {name for name in manifest["shards"] if (out / name).is_file()}
+        finished = set()
+        if is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            _write_json(manifest_path, manifest)
+    if distributed:
+        processes.wait_for_everyone()
     manifest["shards"] = sorted(finished)
-    shard_count = math.ceil(num_images / images_per_shard)
-    bar = tqdm(total=shard_count, initial=len(finished), desc="collect", unit="shard", disable=not progress)
-    for index in range(shard_count):
-        name = f"shard-{index:05d}.safetensors"
+    process_index, num_processes = (processes.process_index, processes.num_processes) if distributed else (0, 1)
+    mine = process_shards(shard_count, process_index, num_processes)
+    done = sum(_shard_name(index) in finished for index in mine)
+    bar = tqdm(total=len(mine), initial=done, desc="collect", unit="shard", disable=not (progress and is_main))
+    for index in mine:
+        name = _shard_name(index)
         if name in finished:
             continue
         images = range(index * images_per_shard, min(num_images, (index + 1) * images_per_shard))
@@ -197,17 +241,20 @@ def collect(
         temporary = out / (name + ".tmp")
         save_file(tensors, str(temporary))
         os.replace(temporary, out / name)
-        groups = len(tensors["labels"])
-        manifest["blocks"] = {
-            block: {"width": tensors[block].shape[1], "tokens_per_image": tensors[block].shape[0] // groups}
-            for block in blocks
-        }
-        manifest["shards"] = sorted([*manifest["shards"], name])
-        _write_json(manifest_path, manifest)
+        if not distributed:
+            manifest["shards"] = sorted([*manifest["shards"], name])
+            _write_json(manifest_path, manifest)
         bar.update()
     bar.close()
-    manifest["complete"] = True
-    _write_json(manifest_path, manifest)
+    if distributed:
+        processes.wait_for_everyone()
+    if is_main:
+        manifest["shards"] = [_shard_name(index) for index in range(shard_count)]
+        manifest["blocks"] = _blocks_info(out / manifest["shards"][0], blocks)
+        manifest["complete"] = True
+        _write_json(manifest_path, manifest)
+    if distributed:
+        processes.wait_for_everyone()
     return Activations.open(out)
 
 
@@ -285,6 +332,37 @@ class Activations:
     def _check_block(self, block: str) -> None:
         if block not in self.settings["blocks"]:
             raise ValueError(f"No activations of block '{block}' in '{self.folder}' (has {self.settings['blocks']}).")
+
+
+def probe_blocks(activations: Activations, blocks: Sequence[str], holdout: float = 0.2) -> dict[str, dict]:
+    """How well each block's output tells objects and styles apart: the measurement behind hook points.
+
+    Each image becomes its block output averaged over tokens and steps; a nearest-class-mean
+    classifier fitted on the other images predicts the held-out images' object and style. The object
+    SAE goes where object accuracy is highest, the style SAE where style accuracy is highest.
+    """
+    heldout = heldout_images(activations.num_images, holdout)
+    report = {}
+    for block in blocks:
+        sums = torch.zeros(activations.num_images, activations.width(block))
+        counts = torch.zeros(activations.num_images)
+        labels = torch.zeros(activations.num_images, 2, dtype=torch.long)
+        for shard in range(activations.num_shards):
+            tokens, rows = activations.load(shard, block)
+            images = rows[:, IMAGE]
+            sums.index_add_(0, images, tokens.float().mean(1))
+            counts.index_add_(0, images, torch.ones(len(images)))
+            labels[images] = rows[:, [OBJECT, STYLE]]
+        features = sums / counts.clamp_min(1)[:, None]
+        features = (features - features[~heldout].mean(0)) / features[~heldout].std(0).clamp_min(1e-6)
+        accuracy = {}
+        for column, kind in enumerate(("object", "style")):
+            classes = labels[:, column]
+            means = torch.stack([features[~heldout & (classes == c)].mean(0) for c in range(int(classes.max()) + 1)])
+            predicted = torch.cdist(features[heldout], means.nan_to_num()).argmin(1)
+            accuracy[kind] = float((predicted == classes[heldout]).float().mean())
+        report[block] = accuracy
+    return report
 
 
 def heldout_images(num_images: int, fraction: float, seed: int = 0) -> Tensor:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
+from safetensors import SafetensorError
 
 from saemnesia.minicanvas import data as minicanvas_data
 from saemnesia.minicanvas import model as minicanvas_model
@@ -42,11 +43,29 @@ SD_V14_UNET_CONFIG = {
     "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
 }
 
-# UnlearnCanvas's 20 objects, the concepts of the paper's object table.
+# UnlearnCanvas's 20 objects and 50 styles, spelled as its code spells them (the names its classifiers,
+# SAeUron's and SAEmnesia's lists use); prompts read an underscore as a space ("Artist Sketch").
 UNLEARNCANVAS_OBJECTS = (
-    "architectures", "bears", "birds", "butterfly", "cats", "dogs", "fishes", "flame", "flowers", "frogs",
-    "horses", "human", "jellyfish", "rabbits", "sandwiches", "sea", "statues", "towers", "trees", "waters",
+    "Architectures", "Bears", "Birds", "Butterfly", "Cats", "Dogs", "Fishes", "Flame", "Flowers", "Frogs",
+    "Horses", "Human", "Jellyfish", "Rabbits", "Sandwiches", "Sea", "Statues", "Towers", "Trees", "Waterfalls",
 )  # fmt: skip
+UNLEARNCANVAS_STYLES = (
+    "Abstractionism", "Artist_Sketch", "Blossom_Season", "Bricks", "Byzantine", "Cartoon", "Cold_Warm",
+    "Color_Fantasy", "Comic_Etch", "Crayon", "Cubism", "Dadaism", "Dapple", "Defoliation", "Early_Autumn",
+    "Expressionism", "Fauvism", "French", "Glowing_Sunset", "Gorgeous_Love", "Greenfield", "Impressionism",
+    "Ink_Art", "Joy", "Liquid_Dreams", "Magic_Cube", "Meta_Physics", "Meteor_Shower", "Monet", "Mosaic",
+    "Neon_Lines", "On_Fire", "Pastel", "Pencil_Drawing", "Picasso", "Pop_Art", "Red_Blue_Ink", "Rust", "Sketch",
+    "Sponge_Dabbed", "Structuralism", "Superstring", "Surrealism", "Ukiyoe", "Van_Gogh", "Vibrant_Flow",
+    "Warm_Love", "Warm_Smear", "Watercolor", "Winter",
+)  # fmt: skip
+UNLEARNCANVAS_TEMPLATE = "A {object} image in {style} style."
+
+SD_MODELS = {"sd14": "CompVis/stable-diffusion-v1-4", "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
+"""Short names for the published Stable Diffusion v1.x checkpoints. The UnlearnCanvas fine-tune
+("style50") is not on the hub in diffusers form: give its local folder."""
+SD_EVAL_STEPS = 100
+"""The paper's evaluation sampling (UnlearnCanvas protocol); the world's `steps` (50) are for demos and
+for collecting activations, as SAeUron collects them."""
 
 
 @dataclass(frozen=True)
@@ -84,7 +103,10 @@ class World:
         return self.assets / "sae" / variant / self.block_for(kind)
 
     def prompt(self, object_name: str, style: str, template: str | None = None) -> str:
-        return (template or self.templates[0]).format(object=object_name, style=style)
+        """Concept names with underscores read with spaces, as UnlearnCanvas writes `Artist_Sketch`."""
+        return (template or self.templates[0]).format(
+            object=object_name.replace("_", " "), style=style.replace("_", " ")
+        )
 
 
 MINICANVAS = World(
@@ -104,26 +126,94 @@ MINICANVAS = World(
 )
 
 
-def stable_diffusion_world(model: str = "CompVis/stable-diffusion-v1-4", assets: Path | None = None) -> World:
-    """SD v1.x with UnlearnCanvas's concepts and the paper's hook points and sampling settings."""
+def stable_diffusion_world(model: str = SD_MODELS["sd14"], assets: Path | None = ASSETS / "sd") -> World:
+    """SD v1.x (1.4, 1.5 or the UnlearnCanvas fine-tune) with UnlearnCanvas's concepts and prompt, the paper's
+    hook points (objects at up.1.1, styles at up.1.2) and its demo sampling (DDIM, 50 steps, guidance 9)."""
     return World(
         name="sd",
         model=model,
         object_block="up_blocks.1.attentions.1",
         style_block="up_blocks.1.attentions.2",
         objects=UNLEARNCANVAS_OBJECTS,
-        styles=(),
-        templates=("A {object} image in {style} style.", "A photo of {object}."),
+        styles=UNLEARNCANVAS_STYLES,
+        templates=(UNLEARNCANVAS_TEMPLATE,),
         steps=50,
         guidance=9.0,
         height=512,
         width=512,
         assets=assets,
-        examples=("A photo of cats.", "A painting of horses by the sea."),
+        examples=("A Cats image in Van Gogh style.", "A Horses image in Watercolor style.", "A photo of a dog."),
     )
 
 
 WORLDS = {"minicanvas": MINICANVAS, "sd": stable_diffusion_world()}
+
+
+def random_sd_pipeline(size: str = "full", seed: int = 0) -> StableDiffusionPipeline:
+    """A Stable Diffusion v1.4-architecture pipeline with random weights, for runs without the published ones.
+
+    "full" has SD-1.4's exact shapes (UNet, ViT-L text encoder, 8x VAE: the block widths and token grids
+    the paper's SAEs fit); "tiny" keeps the layout (4 levels, 2 layers, 3 attentions per up block, so the
+    same hook points exist) at small widths, for CPU tests. No CLIP vocabulary ships offline, so the text
+    side uses MiniCanvas's tokenizer. Built on CPU in float32.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    if size not in ("full", "tiny"):
+        raise ValueError(f"size must be 'full' or 'tiny', got {size!r}.")
+    full = size == "full"
+    torch.manual_seed(seed)
+    tokenizer = minicanvas_model.build_tokenizer()
+    text_width = 768 if full else 32
+    unet_config = dict(SD_V14_UNET_CONFIG, cross_attention_dim=text_width)
+    if not full:
+        unet_config.update(block_out_channels=[32, 32, 64, 64], norm_num_groups=8, sample_size=8)
+    unet = UNet2DConditionModel(**unet_config)
+    vae = AutoencoderKL(
+        block_out_channels=[128, 256, 512, 512] if full else [8, 8, 8, 8],
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        latent_channels=4,
+        layers_per_block=2 if full else 1,
+        norm_num_groups=32 if full else 8,
+        sample_size=512 if full else 64,
+        scaling_factor=0.18215,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=text_width,
+            intermediate_size=3072 if full else 64,
+            num_attention_heads=12 if full else 4,
+            num_hidden_layers=12 if full else 2,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
 
 
 def default_device() -> str:
@@ -131,10 +221,12 @@ def default_device() -> str:
 
 
 def load_pipeline(source: str, device: str | None = None, dtype: torch.dtype | None = None) -> StableDiffusionPipeline:
-    """Load a Stable-Diffusion-architecture pipeline from a folder or hub id: fp16 on CUDA, fp32 on CPU.
+    """Load a Stable-Diffusion-architecture pipeline from a folder, a hub id or a `SD_MODELS` short name
+    (sd14, sd15): fp16 on CUDA, fp32 on CPU, with a DDIM sampler.
 
     Hub ids need a network; nothing is downloaded for a local folder. Weights load from safetensors only.
     """
+    source = SD_MODELS.get(source, source)
     device = device or default_device()
     dtype = dtype or (torch.float16 if device.startswith("cuda") else torch.float32)
     path = Path(source)
@@ -142,9 +234,14 @@ def load_pipeline(source: str, device: str | None = None, dtype: torch.dtype | N
         raise FileNotFoundError(f"Model folder '{source}' does not exist: give a diffusers folder or a hub id.")
     if path.exists() and not (path / "model_index.json").is_file():
         raise FileNotFoundError(f"'{source}' has no model_index.json: it is not a diffusers pipeline folder.")
-    pipeline = StableDiffusionPipeline.from_pretrained(
-        source, torch_dtype=dtype, use_safetensors=True, safety_checker=None, requires_safety_checker=False
-    )
+    try:
+        pipeline = StableDiffusionPipeline.from_pretrained(
+            source, torch_dtype=dtype, use_safetensors=True, safety_checker=None, requires_safety_checker=False
+        )
+    except (OSError, ValueError, SafetensorError) as error:
+        raise ValueError(
+            f"Cannot load a diffusers pipeline from '{source}' (only safetensors weights are read): {error}"
+        ) from error
     if not isinstance(pipeline.scheduler, DDIMScheduler):
         pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
     pipeline.set_progress_bar_config(disable=True)

@@ -1,0 +1,648 @@
+"""`python -m saemnesia bench`: what the SAE hook, the app and the SAE trainer cost, as ratios from one run.
+
+Each comparison takes its candidates in turn, round after round (A B A B ...), after one warm-up call
+of each, so load from other processes falls on all of them alike; a ratio is the median of the
+per-round ratios. Generation runs under `torch.no_grad`. Two models: MiniCanvas (the world's pipeline
+from assets) and a random-weight Stable Diffusion v1.4 UNet at a small latent size, each with an SAE
+at `up_blocks.1.attentions.1` (the paper's shape on SD: 1280 -> 20480, k = 32).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from safetensors.torch import save_file
+from torch.utils.flop_counter import FlopCounterMode
+
+from saemnesia.concepts import ConceptStats, build_dictionary
+from saemnesia.erase import saemnesia_erasure
+from saemnesia.generate import SaeHook, _block_edit, generate_pairs, initial_noise, sampler_timesteps
+from saemnesia.hooks import block_width, hooked_block
+from saemnesia.sae import Sae, SaeConfig
+from saemnesia.studio import DICTIONARY_FILE, STATS_FILE, SaeBundle
+from saemnesia.train import LABELS, SaeTrainConfig, train_sae
+from saemnesia.worlds import MINICANVAS, SD_V14_UNET_CONFIG, WORLDS, World, load_pipeline
+
+ROOT = Path(__file__).resolve().parent.parent
+BLOCK = "up_blocks.1.attentions.1"
+SECTIONS = ("minicanvas", "sd", "app", "train")
+SEED = 0
+STRENGTH = -10.0
+PAIR_TARGET = 1.10
+"""Hooked pair over plain diffusers making the same two images in one batch."""
+SHARE_TARGET = 1.5
+"""The SAE's measured share of a UNet call over the share its encoder's multiply-adds set."""
+TRAIN_TARGET = 1.10
+"""Our trainer's time over a plain PyTorch loop's, for the same model and batches."""
+
+
+class Skipped(Exception):
+    """A section that cannot run here; the message says why."""
+
+
+@dataclass
+class BenchOptions:
+    """What to run; None picks the default of the mode (full, or `quick`)."""
+
+    quick: bool = False
+    """Tiny sizes, for CI: a narrow SD-layout UNet at 8x8 latents, 2 sampler steps, a small SAE to train."""
+    repeats: int | None = None
+    """Timed rounds after the warm-up: 5, or 2 with `quick`."""
+    sd_latent: int | None = None
+    """Latent side of the random SD model: 16, or 8 with `quick`."""
+    steps: int | None = None
+    """Sampler steps of the pairs: the world's for MiniCanvas and 4 for SD, or 2 with `quick`."""
+    device: str = "cpu"
+    skip: tuple[str, ...] = ()
+    """Sections not to run, of `SECTIONS`."""
+
+
+@dataclass
+class Row:
+    """One measured quantity: its samples, and its ratio to a baseline with the target the ratio must meet."""
+
+    section: str
+    name: str
+    unit: str
+    samples: list[float] = field(default_factory=list)
+    ratio: float | None = None
+    target: float | None = None
+    note: str = ""
+
+    @property
+    def median(self) -> float | None:
+        return statistics.median(self.samples) if self.samples else None
+
+    @property
+    def passed(self) -> bool | None:
+        return None if self.ratio is None or self.target is None else self.ratio <= self.target
+
+    def as_dict(self) -> dict:
+        extremes = {"min": min(self.samples), "max": max(self.samples)} if self.samples else {"min": None, "max": None}
+        return {**asdict(self), "median": self.median, **extremes, "passed": self.passed}
+
+
+@dataclass
+class Subject:
+    """A pipeline and an SAE hook erasing one concept: what the pair and share benchmarks run."""
+
+    name: str
+    pipeline: StableDiffusionPipeline
+    hook: SaeHook
+    prompt: str
+    steps: int
+    guidance: float
+    height: int
+    width: int
+    sae_source: str
+
+
+# ---------------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------------
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_in_turn(
+    candidates: dict[str, Callable[[], object]], repeats: int, device: torch.device
+) -> dict[str, list[float]]:
+    """Seconds per call of each candidate: one warm-up call each, then `repeats` rounds taking them in turn."""
+    for run in candidates.values():
+        run()
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(repeats):
+        for name, run in candidates.items():
+            _synchronize(device)
+            start = time.perf_counter()
+            run()
+            _synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median_ratio(numerators: list[float], denominators: list[float]) -> float:
+    return statistics.median(a / b for a, b in zip(numerators, denominators))
+
+
+def multiply_adds(run: Callable[[], object]) -> float:
+    """Multiply-adds of one call, from torch's FLOP counter (matmuls, convolutions, attention)."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        run()
+    return counter.get_total_flops() / 2
+
+
+# ---------------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------------
+
+
+def synthetic_bundle(world: World, pipeline: StableDiffusionPipeline, block: str, steps: int) -> SaeBundle:
+    """A random SAE (16x the block's width, k = 32) with random concept statistics and their dictionary.
+
+    What the world would hold after training, for timing only: the edit costs the same whatever it erases.
+    """
+    generator = torch.Generator().manual_seed(SEED)
+    width = block_width(pipeline.unet, block)
+    torch.manual_seed(SEED)
+    sae = Sae(SaeConfig(d_in=width, num_latents=16 * width, k=32, expansion_factor=16)).to(pipeline.device)
+    timesteps = torch.tensor(sampler_timesteps(pipeline, steps))
+    mean_acts = torch.rand(len(world.concepts), len(timesteps), sae.num_latents, generator=generator)
+    kinds = [world.kind_of(concept) for concept in world.concepts]
+    stats = ConceptStats(list(world.concepts), kinds, timesteps, mean_acts)
+    return SaeBundle(sae, block, stats, build_dictionary(stats))
+
+
+def trained_sae_folder(world: World) -> Path | None:
+    """The world's supervised object SAE folder, if its assets hold one with statistics and dictionary."""
+    folder = world.sae_folder("supervised", "object") if world.assets else None
+    if folder is not None and (folder / STATS_FILE).is_file() and (folder / DICTIONARY_FILE).is_file():
+        return folder
+    return None
+
+
+def world_bundle(world: World, pipeline: StableDiffusionPipeline, steps: int) -> tuple[SaeBundle, str]:
+    """The world's trained object SAE, else a synthetic stand-in; and which it is, in words."""
+    folder = trained_sae_folder(world)
+    if folder is not None:
+        return SaeBundle.load(folder, world.object_block, str(pipeline.device)), f"the world's SAE ({folder})"
+    return synthetic_bundle(world, pipeline, world.object_block, steps), "a random SAE (no trained SAE in assets)"
+
+
+def subject_for(
+    name: str, world: World, pipeline: StableDiffusionPipeline, steps: int, height: int, width: int
+) -> Subject:
+    bundle, source = world_bundle(world, pipeline, steps)
+    concept = world.objects[0]
+    erasure = saemnesia_erasure(bundle.stats, bundle.dictionary, [concept], STRENGTH)
+    prompt = world.prompt(concept, world.styles[0] if world.styles else "photo")
+    hook = SaeHook(bundle.block, bundle.sae, erasure)
+    return Subject(name, pipeline, hook, prompt, steps, world.guidance, height, width, source)
+
+
+def minicanvas_pipeline(device: str) -> StableDiffusionPipeline:
+    if not (Path(MINICANVAS.model) / "model_index.json").is_file():
+        raise Skipped(f"MiniCanvas's model is not in {MINICANVAS.model} (train it with `train-world`).")
+    return load_pipeline(MINICANVAS.model, device=device)
+
+
+def random_sd_pipeline(latent: int, quick: bool, device: str) -> StableDiffusionPipeline:
+    """Stable Diffusion v1.4's UNet with random weights (narrow with `quick`), a one-level random VAE
+    (images the size of the latents) and a one-layer random text encoder: only the UNet's cost matters."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from saemnesia.minicanvas.model import build_tokenizer
+
+    torch.manual_seed(SEED)
+    unet_config = {**SD_V14_UNET_CONFIG, "sample_size": latent}
+    if quick:
+        unet_config.update(block_out_channels=[32, 64, 64, 64], cross_attention_dim=32)
+    unet = UNet2DConditionModel.from_config(unet_config)
+    tokenizer = build_tokenizer()
+    text_width = unet_config["cross_attention_dim"]
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=text_width,
+            intermediate_size=4 * text_width,
+            num_attention_heads=8,
+            num_hidden_layers=1,
+            vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    vae = AutoencoderKL(block_out_channels=[32], latent_channels=4, norm_num_groups=32)
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    return pipeline.to(device, dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 1-3. The hooked pair, the reference's two generations, the SAE's share of a UNet call
+# ---------------------------------------------------------------------------------------------------
+
+
+def pair_rows(subject: Subject, repeats: int, device: torch.device) -> list[Row]:
+    """The hooked pair against plain diffusers making the same two images in one batch, and against
+    the reference code's way: a plain generation, then a hooked one."""
+    pipeline, prompt = subject.pipeline, subject.prompt
+    noise = initial_noise(pipeline, SEED, subject.height, subject.width).to(pipeline.device, pipeline.unet.dtype)
+    sampling = {
+        "num_inference_steps": subject.steps,
+        "guidance_scale": subject.guidance,
+        "height": subject.height,
+        "width": subject.width,
+    }
+    generation = {
+        "seed": SEED,
+        "steps": subject.steps,
+        "guidance": subject.guidance,
+        "height": subject.height,
+        "width": subject.width,
+    }
+    times = time_in_turn(
+        {
+            "plain pair": lambda: pipeline(prompt=[prompt, prompt], latents=noise.repeat(2, 1, 1, 1), **sampling),
+            "hooked pair": lambda: generate_pairs(pipeline, [prompt], [subject.hook], **generation),
+            "plain single": lambda: pipeline(prompt=prompt, latents=noise, **sampling),
+            "hooked single": lambda: generate_pairs(
+                pipeline, [prompt], [subject.hook], include_originals=False, **generation
+            ),
+        },
+        repeats,
+        device,
+    )
+    reference = [plain + hooked for plain, hooked in zip(times["plain single"], times["hooked single"])]
+    section = subject.name
+    return [
+        Row(section, "plain diffusers pair (2 images, one batch)", "s", times["plain pair"]),
+        Row(section, "reference: plain + hooked generation", "s", reference),
+        Row(
+            section,
+            "hooked pair / plain diffusers pair",
+            "s",
+            times["hooked pair"],
+            median_ratio(times["hooked pair"], times["plain pair"]),
+            PAIR_TARGET,
+            f"{subject.steps} steps, {subject.height}x{subject.width}, edit on; {subject.sae_source}",
+        ),
+        Row(
+            section,
+            "hooked pair / reference",
+            "s",
+            times["hooked pair"],
+            median_ratio(times["hooked pair"], reference),
+        ),
+    ]
+
+
+def sae_share_rows(subject: Subject, repeats: int, device: torch.device) -> list[Row]:
+    """The hook's per-step work (encode, top-k codes, edit) as a share of the UNet call it rides on,
+    over the floor the arithmetic sets: the encoder's multiply-adds on the erased rows over the UNet's."""
+    pipeline, hook = subject.pipeline, subject.hook
+    images, originals = 2, 1
+    conditional, unconditional = pipeline.encode_prompt(subject.prompt, pipeline.device, images, True)
+    text = torch.cat([unconditional, conditional])
+    timesteps = sampler_timesteps(pipeline, subject.steps)
+    noise = initial_noise(pipeline, SEED, subject.height, subject.width).repeat(len(text), 1, 1, 1)
+    latents = noise.to(pipeline.device, pipeline.unet.dtype)
+    timestep = torch.tensor(timesteps[0], device=pipeline.device)
+
+    def unet_call() -> object:
+        return pipeline.unet(latents, timestep, encoder_hidden_states=text, return_dict=False)
+
+    with torch.no_grad():
+        with hooked_block(pipeline.unet, hook.block, record=True) as recorder:
+            unet_call()
+        block_output = recorder.outputs[0]
+        edit = _block_edit(hook, images, originals, timesteps, [])
+        times = time_in_turn({"unet": unet_call, "edit": lambda: edit(block_output, 0)}, repeats, device)
+        unet_macs, edit_macs = multiply_adds(unet_call), multiply_adds(lambda: edit(block_output, 0))
+    rows, _, height, width = block_output.shape
+    erased_tokens = rows // images * (images - originals) * height * width
+    encoder_macs = erased_tokens * hook.sae.d_in * hook.sae.num_latents
+    floor = encoder_macs / unet_macs
+    share = median_ratio(times["edit"], times["unet"])
+    note = (
+        f"share {share:.2%} of the call, floor {floor:.2%} (encoder {encoder_macs / 1e6:.1f} M / "
+        f"UNet {unet_macs / 1e9:.2f} G MACs); edit MACs {edit_macs / encoder_macs:.4f}x the encoder's; "
+        f"SAE {hook.sae.d_in} -> {hook.sae.num_latents}, k {hook.sae.cfg.k}, {erased_tokens} tokens edited"
+    )
+    return [
+        Row(subject.name, f"UNet call (batch {rows})", "s", times["unet"]),
+        Row(subject.name, "SAE per UNet call: share / floor", "s", times["edit"], share / floor, SHARE_TARGET, note),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------
+# 4. The app
+# ---------------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _wait_until_ready(url: str, process: subprocess.Popen, log: Path, timeout: float = 600.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"app.py exited with {process.returncode}: {log.read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"app.py did not answer within {timeout:.0f} s.")
+
+
+def app_rows(pipeline: StableDiffusionPipeline, steps: int, repeats: int, device: str) -> list[Row]:
+    """Start `python app.py` to HTTP 200, then one `/erase` through gradio_client: what a user waits for."""
+    from gradio_client import Client
+
+    app = ROOT / "app.py"
+    if not app.is_file():
+        raise Skipped(f"No app.py in {ROOT}.")
+    world = MINICANVAS
+    concept = world.objects[0]
+    prompt = world.prompt(concept, world.styles[0])
+    started, first_pair = [], []
+    with tempfile.TemporaryDirectory() as scratch:
+        arguments = ["--device", device]
+        bundle, source = world_bundle(world, pipeline, steps)
+        if trained_sae_folder(world) is None:
+            assets = Path(scratch) / "assets"
+            folder = assets / "sae" / "supervised" / world.object_block
+            bundle.sae.save(folder)
+            bundle.stats.save(folder / STATS_FILE)
+            bundle.dictionary.save(folder / DICTIONARY_FILE)
+            if (world.assets / "classifier").is_dir():
+                (assets / "classifier").symlink_to(world.assets / "classifier")
+            arguments += ["--assets", str(assets)]
+        log = Path(scratch) / "app.log"
+        environment = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
+        for _ in range(repeats):
+            port = _free_port()
+            url = f"http://127.0.0.1:{port}/"
+            start = time.perf_counter()
+            with log.open("w") as output:
+                process = subprocess.Popen(
+                    [sys.executable, str(app), "--port", str(port), *arguments],
+                    cwd=ROOT,
+                    env=environment,
+                    stdout=output,
+                    stderr=subprocess.STDOUT,
+                )
+            try:
+                _wait_until_ready(url, process, log)
+                started.append(time.perf_counter() - start)
+                client = Client(url, verbose=False)
+                start = time.perf_counter()
+                client.predict(
+                    prompt, [concept], "SAEmnesia", STRENGTH, SEED, steps, world.guidance, 0, 1, api_name="/erase"
+                )
+                first_pair.append(time.perf_counter() - start)
+            finally:
+                process.terminate()
+                try:
+                    process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+    note = f"'{prompt}', erase {concept}, {steps} steps: the prompt and 3 neighbours, 8 images; {source}"
+    return [
+        Row("app", "app start to ready (HTTP 200)", "s", started),
+        Row("app", "first pair via gradio_client /erase", "s", first_pair, note=note),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------
+# 5. SAE training
+# ---------------------------------------------------------------------------------------------------
+
+
+def write_synthetic_activations(folder: Path, width: int, tokens_per_image: int, images: int) -> Path:
+    """Random float16 tokens in `collect`'s on-disk layout (one block, one step per image, one shard)."""
+    generator = torch.Generator().manual_seed(SEED)
+    tokens = torch.randn(images * tokens_per_image, width, generator=generator).half()
+    labels = torch.tensor([[0, 0, 0, 0, 999, image] for image in range(images)], dtype=torch.int32)
+    save_file({BLOCK: tokens, "labels": labels}, str(folder / "shard-00000.safetensors"))
+    settings = {
+        "objects": ["object"],
+        "styles": ["style"],
+        "blocks": [BLOCK],
+        "timesteps": [999],
+        "num_images": images,
+        "labels": list(LABELS),
+    }
+    blocks = {BLOCK: {"width": width, "tokens_per_image": tokens_per_image}}
+    manifest = {"settings": settings, "blocks": blocks, "shards": ["shard-00000.safetensors"], "complete": True}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def plain_training(batches: list[torch.Tensor], config: SaeConfig, lr: float) -> Sae:
+    """The textbook loop: TopK SAE forward, MSE, Adam step; the same model and batches as our trainer's."""
+    torch.manual_seed(SEED)
+    sae = Sae(config)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=lr)
+    for x in batches:
+        loss = (sae(x) - x).pow(2).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return sae
+
+
+def training_rows(quick: bool, repeats: int) -> list[Row]:
+    """Tokens per second of `train_sae` (from disk, with AuxK and decoder upkeep) and of a plain loop."""
+    from saemnesia.train import Activations
+
+    width, batch_size, batches = (64, 256, 4) if quick else (1280, 256, 4)
+    tokens_per_image = 64
+    images = batch_size * batches // tokens_per_image
+    config = SaeTrainConfig(expansion_factor=16, k=32, batch_size=batch_size, epochs=1, holdout=0.0)
+    sae_config = SaeConfig(d_in=width, num_latents=16 * width, k=32, expansion_factor=16)
+    lr = 2e-4 / (sae_config.num_latents / 2**14) ** 0.5
+    tokens = batch_size * batches
+    with tempfile.TemporaryDirectory() as scratch:
+        activations = Activations.open(write_synthetic_activations(Path(scratch), width, tokens_per_image, images))
+        data = activations.load(0, BLOCK)[0].flatten(0, 1).float()
+        plain_batches = list(data.split(batch_size))
+        with torch.enable_grad():
+            times = time_in_turn(
+                {
+                    "ours": lambda: train_sae(activations, BLOCK, config, progress=False),
+                    "plain": lambda: plain_training(plain_batches, sae_config, lr),
+                },
+                repeats,
+                torch.device("cpu"),
+            )
+    note = (
+        f"SAE {width} -> {sae_config.num_latents}, k 32, {batches} batches of {batch_size} tokens; both build the "
+        "SAE; ours also reads the shards and runs AuxK and decoder normalisation"
+    )
+    return [
+        Row("train", "plain loop: TopK SAE + MSE + Adam", "tokens/s", [tokens / t for t in times["plain"]]),
+        Row(
+            "train",
+            "train_sae: time / plain loop's",
+            "tokens/s",
+            [tokens / t for t in times["ours"]],
+            median_ratio(times["ours"], times["plain"]),
+            TRAIN_TARGET,
+            note,
+        ),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The run and its report
+# ---------------------------------------------------------------------------------------------------
+
+
+def machine(device: torch.device) -> dict:
+    """What the numbers were measured on, and how busy it was."""
+    cpu = platform.processor()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line]
+        cpu = names[0] if names else cpu
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }
+
+
+def resolved(options: BenchOptions) -> BenchOptions:
+    """The mode's defaults where the options leave them open."""
+    quick = options.quick
+    return replace(
+        options,
+        repeats=options.repeats or (2 if quick else 5),
+        sd_latent=options.sd_latent or (8 if quick else 16),
+        steps=options.steps or (2 if quick else None),
+    )
+
+
+def run_bench(options: BenchOptions) -> dict:
+    """Every section not skipped; a section that cannot run becomes one row saying why."""
+    options = resolved(options)
+    device = torch.device(options.device)
+    report = {"machine": machine(device), "options": asdict(options), "rows": []}
+    rows: list[Row] = []
+    minicanvas: StableDiffusionPipeline | None = None
+    minicanvas_error: Skipped | None = None
+    if {"minicanvas", "app"} - set(options.skip):
+        try:
+            minicanvas = minicanvas_pipeline(options.device)
+        except Skipped as error:
+            minicanvas_error = error
+
+    def section(name: str, measure: Callable[[], list[Row]]) -> None:
+        if name in options.skip:
+            rows.append(Row(name, "skipped", "", note="--skip"))
+            return
+        try:
+            rows.extend(measure())
+        except Skipped as error:
+            rows.append(Row(name, "skipped", "", note=str(error)))
+
+    def measure_minicanvas() -> list[Row]:
+        if minicanvas is None:
+            raise minicanvas_error
+        world = MINICANVAS
+        steps = options.steps or world.steps
+        subject = subject_for("minicanvas", world, minicanvas, steps, world.height, world.width)
+        return pair_rows(subject, options.repeats, device) + sae_share_rows(subject, options.repeats, device)
+
+    def measure_sd() -> list[Row]:
+        pipeline = random_sd_pipeline(options.sd_latent, options.quick, options.device)
+        size = options.sd_latent * pipeline.vae_scale_factor
+        subject = subject_for("sd", WORLDS["sd"], pipeline, options.steps or 4, size, size)
+        subject.sae_source = f"random SD v1.4 {'(narrow, --quick) ' if options.quick else ''}UNet, {subject.sae_source}"
+        return pair_rows(subject, options.repeats, device) + sae_share_rows(subject, options.repeats, device)
+
+    def measure_app() -> list[Row]:
+        if minicanvas is None:
+            raise minicanvas_error
+        return app_rows(minicanvas, options.steps or MINICANVAS.steps, options.repeats, options.device)
+
+    section("minicanvas", measure_minicanvas)
+    section("sd", measure_sd)
+    section("app", measure_app)
+    section("train", lambda: training_rows(options.quick, options.repeats))
+    report["machine"]["load_average_after"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    report["rows"] = [row.as_dict() for row in rows]
+    return report
+
+
+def _format(value: float | None, unit: str) -> str:
+    if value is None:
+        return "-"
+    if unit == "s":
+        return f"{value * 1e3:.2f} ms" if value < 1 else f"{value:.3f} s"
+    if unit == "tokens/s":
+        return f"{value:,.0f} tok/s"
+    return f"{value:.4g}"
+
+
+def format_report(report: dict) -> str:
+    """The machine, then one line per row: name, median, min, max, ratio, target, pass/fail; then notes."""
+    m = report["machine"]
+    header = (
+        f"machine: {m['cpu']}; {m['cores']} cores ({m['usable_cores']} usable), torch {m['torch']} with "
+        f"{m['torch_threads']} thread(s), device {m['device']}{' (' + m['gpu'] + ')' if m['gpu'] else ''}; "
+        f"load average {m['load_average'][0]:.2f} at start, {m['load_average_after'][0]:.2f} at end"
+        if m["load_average"]
+        else f"machine: {m}"
+    )
+    columns = ("section", "measurement", "median", "min", "max", "ratio", "target", "result")
+    lines = [
+        (
+            row["section"],
+            row["name"],
+            _format(row["median"], row["unit"]),
+            _format(row["min"], row["unit"]),
+            _format(row["max"], row["unit"]),
+            "-" if row["ratio"] is None else f"{row['ratio']:.3f}",
+            "-" if row["target"] is None else f"<= {row['target']:.2f}",
+            {True: "pass", False: "FAIL", None: "skipped" if row["name"] == "skipped" else "-"}[row["passed"]],
+        )
+        for row in report["rows"]
+    ]
+    widths = [max(len(text) for text in column) for column in zip(columns, *lines)]
+    table = [
+        "  ".join(text.ljust(width) if index < 2 else text.rjust(width) for index, (text, width) in enumerate(zip(line, widths)))
+        for line in (columns, *lines)
+    ]
+    notes = [f"- {row['section']}: {row['name']}: {row['note']}" for row in report["rows"] if row["note"]]
+    return "\n".join([header, "", *table, "", "notes:", *notes])

@@ -1,0 +1,901 @@
+"""The erasure benchmark (METHOD section 6): UA, IRA and CRA per erased concept, for both methods.
+
+For every erased concept each method gets its strength searched on TUNING seeds, choosing the setting
+with the best (UA + IRA) / 2, and is then measured on separate HELD-OUT seeds. SAEmnesia searches
+the 7 paper strengths on its concept's own latent; SAeUron searches 3 feature counts (its percentiles
+99.999 / 99.995 / 99.99 at the paper's 20,480 latents: 1 / 2 / 3 latents a step) x the same 7
+strengths. Sequential erasure then erases the world's first objects together, one more each step.
+The classifier judges every image; the untouched model, run once, gives the ceiling.
+
+Protocols (`FULL`, `QUICK`). All images are erased-only, many prompts a call, all prompts of a call
+from one seed's noise; seeds are far above those `collect` uses for the statistics (0 to 1199).
+- full: all 10 objects and 10 styles erased. Tuning: seed 50000, 10 prompts naming the concept and 10
+  naming other concepts of its kind (partners and templates rotating), so 20 images a trial,
+  28 trials a concept: 11,200 images. Held-out: seeds 60000-60001, 20 + 20 prompts, 2 methods: 3,200.
+  Sequential: 1 to 9 objects, 50 prompts over all objects, seed 60000, 2 methods: 900. Untouched: every
+  held-out and sequential prompt at its seeds: 532. 15,832 images, about 53 minutes at 5 images/s.
+- quick: the first 3 objects and 2 styles; tuning 3 + 3 prompts (840 images), held-out seed 60000 with
+  6 + 6 prompts (120), sequential 1 to 3 objects on 20 prompts (120), untouched 51: 1,131 images,
+  about 4 minutes at 5 images/s. A demo and a smoke test: too few images to compare methods.
+
+Verdicts are cached one JSON line per image (`VerdictCache`), keyed by method, erased concepts,
+strength, features per step, seed and prompt, and tagged with a fingerprint of the model, SAEs,
+statistics and classifier, so an interrupted or repeated run redoes nothing and a retrained model
+never reuses stale verdicts.
+
+The JSON `write_results` writes (`evaluation.json`, or `evaluation-quick.json`); metrics in % with
+2 decimals, null where undefined (e.g. IRA with no concept left):
+    schema: 1; world; protocol: the `Protocol` fields and `rules` (how settings were chosen)
+    settings: {steps, guidance, height, width, model, object_block, style_block, fingerprint}
+    ceiling: {object_accuracy, style_accuracy, images, per_concept: {concept: accuracy on its kind}}
+    methods: {"saemnesia" | "saeuron": {
+        concepts: {concept: {kind, chosen: {strength, features_per_step, tuning_score},
+                             tuning: [{strength, features_per_step, ua, ira, cra, score}, ...],
+                             heldout: {ua, ira, cra, images}, untouched: {ua, ira, cra}}},
+        summary: {"object" | "style": {ua, ira, cra, mean, concepts, untouched: {ua, ira, cra, mean}}},
+        sequential: [{erased: [objects], strength, features_per_step, ua, ira, cra, images,
+                      untouched: {ua, ira, cra}}, ...]}}
+    search: {"saemnesia" | "saeuron": {strengths, features_per_step, trials_per_concept, trials, images,
+             seconds, seconds_per_trial}, paper_grid: {trials_per_concept: 210, trials, estimated_seconds},
+             trials_saved: 1 - ours/theirs per concept, vs our SAeUron grid and vs the paper's}
+    paper: Table 1 by method and kind
+    images: {planned, generated (made by this run), from_cache (earlier runs, or reused within this one)}
+    generation_seconds (this run's image making); wall_time_s; created (UTC, ISO 8601)
+Search seconds add up the stored time of every image a search used, so a resumed run reports the same.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import statistics
+import time
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import NamedTuple
+
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from tqdm.auto import tqdm
+
+from saemnesia.erase import METHODS, PAPER_STRENGTHS, features_for_percentile
+from saemnesia.generate import generate_pairs
+from saemnesia.minicanvas.classifier import MiniCanvasClassifier, classify
+from saemnesia.studio import Studio
+from saemnesia.worlds import World
+
+logger = logging.getLogger(__name__)
+
+SAEURON_PERCENTILES = (99.999, 99.995, 99.99)
+PAPER_LATENTS = 20_480
+SAEURON_FEATURES = tuple(features_for_percentile(p, PAPER_LATENTS) for p in SAEURON_PERCENTILES)
+PAPER_GRID_TRIALS = 30 * 7
+KINDS = ("object", "style")
+METHOD_NAMES = {"saemnesia": "SAEmnesia", "saeuron": "SAeUron"}
+# UnlearnCanvas Table 1 of the SAEmnesia paper.
+PAPER_TABLE = {
+    "saemnesia": {"object": (94.65, 91.39, 88.48), "style": (96.60, 98.67, 99.30)},
+    "saeuron": {"object": (87.16, 85.57, 74.14), "style": (95.80, 99.10, 99.40)},
+}
+UNTOUCHED = "none"
+"""The method name of images made without erasure, in the cache."""
+SEQUENTIAL_RULE = (
+    "each step erases the world's first n objects together at the lower median (a value of the searched "
+    "grid) of the strengths, and features per step, tuned for those objects"
+)
+SELECTION_RULE = (
+    "per concept, the setting with the best (UA + IRA) / 2 on the tuning seeds; ties go to the first tried "
+    "(fewest latents per step, then the mildest strength)"
+)
+
+
+# --- Metrics on verdicts -------------------------------------------------------------------------
+
+
+class Judged(NamedTuple):
+    """One generated image: what its prompt asked for and what the classifier saw."""
+
+    prompt: str
+    seed: int
+    object: str
+    style: str
+    seen_object: str
+    seen_style: str
+
+
+class Metrics(NamedTuple):
+    """Unlearning accuracy, in-domain and cross-domain retain accuracy, in %; None where no image counts."""
+
+    ua: float | None
+    ira: float | None
+    cra: float | None
+
+    @property
+    def score(self) -> float | None:
+        """(UA + IRA) / 2, what the strength search maximises."""
+        return None if self.ua is None or self.ira is None else (self.ua + self.ira) / 2
+
+
+def other_kind(kind: str) -> str:
+    return "style" if kind == "object" else "object"
+
+
+def _asked(judged: Judged, kind: str) -> str:
+    return judged.object if kind == "object" else judged.style
+
+
+def accuracy(judged: Sequence[Judged], kind: str) -> float | None:
+    """100 x the share of images whose classifier verdict of `kind` is what the prompt asked for."""
+    if not judged:
+        return None
+    seen = [j.seen_object if kind == "object" else j.seen_style for j in judged]
+    return 100 * sum(s == _asked(j, kind) for s, j in zip(seen, judged)) / len(judged)
+
+
+def erasure_metrics(judged: Sequence[Judged], erased: Collection[str], kind: str) -> Metrics:
+    """UA on images naming an erased concept, IRA on those naming another of its kind, CRA on all.
+
+    `kind` is the erased concepts' kind ("object" or "style"); CRA is accuracy on the other kind.
+    """
+    on_erased = [j for j in judged if _asked(j, kind) in erased]
+    on_others = [j for j in judged if _asked(j, kind) not in erased]
+    erased_accuracy = accuracy(on_erased, kind)
+    return Metrics(
+        None if erased_accuracy is None else 100 - erased_accuracy,
+        accuracy(on_others, kind),
+        accuracy(judged, other_kind(kind)),
+    )
+
+
+def ceiling(judged: Sequence[Judged], concepts: Mapping[str, str]) -> dict:
+    """The untouched model's object and style accuracy, overall and per concept (`concepts`: name -> kind)."""
+    return {
+        "object_accuracy": _round(accuracy(judged, "object")),
+        "style_accuracy": _round(accuracy(judged, "style")),
+        "images": len(judged),
+        "per_concept": {
+            concept: _round(accuracy([j for j in judged if _asked(j, kind) == concept], kind))
+            for concept, kind in concepts.items()
+        },
+    }
+
+
+class Setting(NamedTuple):
+    """One point of a method's search grid (SAEmnesia always edits 1 latent a step)."""
+
+    method: str
+    strength: float
+    features_per_step: int = 1
+
+
+def search_grid(method: str, strengths: Sequence[float], saeuron_features: Sequence[int]) -> list[Setting]:
+    """The settings a method tries per concept: fewest latents per step first, each over the strengths mildest first."""
+    features = saeuron_features if method == "saeuron" else (1,)
+    return [Setting(method, float(strength), count) for count in features for strength in strengths]
+
+
+def choose_setting(
+    trials: Mapping[Setting, Sequence[Judged]], concept: str, kind: str, tuning_seeds: Collection[int]
+) -> tuple[Setting, dict[Setting, Metrics]]:
+    """The setting with the best (UA + IRA) / 2 on the tuning seeds' images only, and every setting's metrics.
+
+    Images from other seeds are ignored, so the seeds the result is reported on never pick it.
+    Ties go to the first setting tried (in `search_grid` order: fewest latents, then mildest strength).
+    """
+    metrics = {
+        setting: erasure_metrics([j for j in judged if j.seed in tuning_seeds], [concept], kind)
+        for setting, judged in trials.items()
+    }
+    scored = [setting for setting, m in metrics.items() if m.score is not None]
+    if not scored:
+        raise ValueError(f"No tuning image names '{concept}' and another {kind}: nothing to choose a setting on.")
+    return max(scored, key=lambda setting: metrics[setting].score), metrics
+
+
+# --- Protocol and prompts ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """Which concepts are erased, on which prompts and seeds; counts are per concept and per seed."""
+
+    name: str
+    objects_erased: int | None
+    """The world's first n objects (None: all)."""
+    styles_erased: int | None
+    tuning_seeds: tuple[int, ...]
+    heldout_seeds: tuple[int, ...]
+    tuning_concept_prompts: int
+    """Prompts naming the erased concept, per trial and tuning seed."""
+    tuning_other_prompts: int
+    """Prompts naming other concepts of its kind, per trial and tuning seed."""
+    heldout_concept_prompts: int
+    heldout_other_prompts: int
+    sequential_steps: int
+    """Up to this many objects erased together (capped at the tuned objects and all objects but one)."""
+    sequential_prompts: int
+    sequential_seeds: tuple[int, ...]
+    strengths: tuple[float, ...] = PAPER_STRENGTHS
+    saeuron_features: tuple[int, ...] = SAEURON_FEATURES
+    batch_size: int = 50
+    """Prompts per generation call."""
+
+    def __post_init__(self) -> None:
+        if set(self.tuning_seeds) & set(self.heldout_seeds):
+            raise ValueError("Tuning and held-out seeds must differ, or the reported numbers chose themselves.")
+
+
+FULL = Protocol(
+    name="full",
+    objects_erased=None,
+    styles_erased=None,
+    tuning_seeds=(50_000,),
+    heldout_seeds=(60_000, 60_001),
+    tuning_concept_prompts=10,
+    tuning_other_prompts=10,
+    heldout_concept_prompts=20,
+    heldout_other_prompts=20,
+    sequential_steps=9,
+    sequential_prompts=50,
+    sequential_seeds=(60_000,),
+)
+QUICK = Protocol(
+    name="quick",
+    objects_erased=3,
+    styles_erased=2,
+    tuning_seeds=(50_000,),
+    heldout_seeds=(60_000,),
+    tuning_concept_prompts=3,
+    tuning_other_prompts=3,
+    heldout_concept_prompts=6,
+    heldout_other_prompts=6,
+    sequential_steps=3,
+    sequential_prompts=20,
+    sequential_seeds=(60_000,),
+)
+PROTOCOLS = {"full": FULL, "quick": QUICK}
+
+
+class PromptSpec(NamedTuple):
+    text: str
+    object: str
+    style: str
+
+
+def balanced_prompts(world: World, rows: Sequence[str], count: int) -> list[PromptSpec]:
+    """`count` distinct prompts naming `rows` (concepts of one kind) in turn, partners and templates rotating.
+
+    Every prefix spreads evenly over the rows, and each row's prompts walk through the other kind's
+    concepts before a template repeats for one partner; `count` is capped at every combination.
+    """
+    kind = world.kind_of(rows[0])
+    partners = world.styles if kind == "object" else world.objects
+    templates = world.templates
+    prompts = []
+    for index in range(min(count, len(rows) * len(partners) * len(templates))):
+        row = index % len(rows)
+        turn, shift = divmod(index // len(rows), len(partners))
+        partner = partners[(row + shift) % len(partners)]
+        template = templates[(row + shift + turn) % len(templates)]
+        object_name, style = (rows[row], partner) if kind == "object" else (partner, rows[row])
+        prompts.append(PromptSpec(world.prompt(object_name, style, template), object_name, style))
+    return prompts
+
+
+@dataclass
+class _Plan:
+    """Every prompt the protocol generates, worked out before any image, so the total is known."""
+
+    concepts: list[str]
+    tuning: dict[str, list[PromptSpec]]
+    heldout: dict[str, list[PromptSpec]]
+    sequential: list[list[str]]
+    """The objects erased together at each sequential step."""
+    sequential_prompts: list[PromptSpec]
+    untouched: dict[int, list[PromptSpec]]
+    """By seed: every held-out and sequential prompt, made once without erasure."""
+    images: int
+
+
+def _erasure_prompts(world: World, concept: str, concept_count: int, other_count: int) -> list[PromptSpec]:
+    """Prompts naming `concept` (for UA), then prompts naming the other concepts of its kind (for IRA)."""
+    others = [c for c in (world.objects if world.kind_of(concept) == "object" else world.styles) if c != concept]
+    return balanced_prompts(world, [concept], concept_count) + balanced_prompts(world, others, other_count)
+
+
+def _plan(world: World, protocol: Protocol) -> _Plan:
+    objects = list(world.objects[: protocol.objects_erased])
+    styles = list(world.styles[: protocol.styles_erased])
+    tuning, heldout = {}, {}
+    for concept in objects + styles:
+        tuning[concept] = _erasure_prompts(
+            world, concept, protocol.tuning_concept_prompts, protocol.tuning_other_prompts
+        )
+        heldout[concept] = _erasure_prompts(
+            world, concept, protocol.heldout_concept_prompts, protocol.heldout_other_prompts
+        )
+    steps = min(protocol.sequential_steps, len(objects), len(world.objects) - 1)
+    sequential = [list(world.objects[:count]) for count in range(1, steps + 1)]
+    sequential_prompts = balanced_prompts(world, world.objects, protocol.sequential_prompts)
+    untouched: dict[int, dict[str, PromptSpec]] = {}
+    for seed in protocol.heldout_seeds:
+        for specs in heldout.values():
+            untouched.setdefault(seed, {}).update((spec.text, spec) for spec in specs)
+    for seed in protocol.sequential_seeds if sequential else ():
+        untouched.setdefault(seed, {}).update((spec.text, spec) for spec in sequential_prompts)
+    trials = len(protocol.strengths) * (1 + len(protocol.saeuron_features))
+    images = sum(len(specs) for specs in tuning.values()) * trials * len(protocol.tuning_seeds)
+    images += sum(len(specs) for specs in heldout.values()) * len(METHODS) * len(protocol.heldout_seeds)
+    images += len(sequential) * len(sequential_prompts) * len(METHODS) * len(protocol.sequential_seeds)
+    images += sum(len(specs) for specs in untouched.values())
+    return _Plan(
+        objects + styles,
+        tuning,
+        heldout,
+        sequential,
+        sequential_prompts,
+        {seed: list(specs.values()) for seed, specs in untouched.items()},
+        images,
+    )
+
+
+def planned_images(world: World, protocol: Protocol) -> int:
+    """How many images `evaluate` makes for `world` under `protocol` with an empty cache."""
+    return _plan(world, protocol).images
+
+
+# --- Generating and judging, with the cache ------------------------------------------------------
+
+
+def _image_key(method: str, concepts: Sequence[str], strength: float, features: int, seed: int, prompt: str) -> tuple:
+    return method, tuple(concepts), float(strength), int(features), int(seed), prompt
+
+
+KEY_FIELDS = ("method", "concepts", "strength", "features_per_step", "seed", "prompt")
+
+
+def _record_key(record: dict) -> tuple:
+    return _image_key(*(record[name] for name in KEY_FIELDS))
+
+
+class VerdictCache:
+    """The classifier's verdict on every generated image, one JSON line each, so reruns skip done work.
+
+    Only records with this run's fingerprint count; a line cut short by an interrupted write (or
+    otherwise unreadable) is skipped.
+    """
+
+    def __init__(self, path: Path | None, fingerprint: str):
+        self.path, self.fingerprint = path, fingerprint
+        self.records: dict[tuple, dict] = {}
+        if path is None or not path.is_file():
+            return
+        text = path.read_text()
+        for line in text.splitlines():
+            try:
+                record = json.loads(line)
+                if record.get("fingerprint") == fingerprint:
+                    self.records[_record_key(record)] = record
+            except (json.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError):
+                continue
+        if text and not text.endswith("\n"):
+            with path.open("a") as handle:
+                handle.write("\n")
+
+    def get(self, key: tuple) -> dict | None:
+        return self.records.get(key)
+
+    def add(self, records: list[dict]) -> None:
+        for record in records:
+            record["fingerprint"] = self.fingerprint
+            self.records[_record_key(record)] = record
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a") as handle:
+                handle.write("".join(json.dumps(record) + "\n" for record in records))
+
+
+def fingerprint(studio: Studio, classifier: MiniCanvasClassifier) -> str:
+    """A short hash of what decides a verdict: sampling settings, model, SAEs, statistics, classifier.
+
+    Hashes the first and last tensor of every network (any training changes both) and all statistics.
+    """
+    world = studio.world
+    digest = hashlib.sha256(json.dumps([world.name, world.steps, world.guidance, world.height, world.width]).encode())
+    pipeline = studio.pipeline
+    networks = [pipeline.unet, pipeline.text_encoder, pipeline.vae, classifier]
+    for key in sorted(studio.bundles):
+        bundle = studio.bundles[key]
+        networks.append(bundle.sae)
+        digest.update(json.dumps([key, bundle.block, bundle.stats.concepts]).encode())
+        digest.update(bundle.stats.mean_acts.float().contiguous().numpy().tobytes())
+        if bundle.dictionary is not None:
+            digest.update(json.dumps(bundle.dictionary.latents, sort_keys=True).encode())
+    for network in networks:
+        tensors = list(network.state_dict().values())
+        for tensor in tensors[:1] + tensors[-1:]:
+            digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+class _Judge:
+    """Makes (or finds in the cache) erased images and the classifier's verdicts on them."""
+
+    def __init__(self, studio: Studio, classifier: MiniCanvasClassifier, cache: VerdictCache, bar: tqdm, batch: int):
+        self.studio, self.classifier, self.cache, self.bar, self.batch = studio, classifier, cache, bar, batch
+        self.generated = self.from_cache = 0
+        self.seconds = 0.0
+        """Generation and classification seconds of every image served, cached ones included."""
+        self.generation_seconds = 0.0
+        """Seconds spent making images in this run."""
+
+    def images(
+        self, setting: Setting | None, concepts: Sequence[str], seeds: Sequence[int], specs: Sequence[PromptSpec]
+    ) -> list[Judged]:
+        """Verdicts on `specs` from every seed with `concepts` erased by `setting` (None: no erasure)."""
+        method, strength, features = setting or (UNTOUCHED, 0.0, 0)
+        concepts = list(concepts) if setting else []
+        judged = []
+        for seed in seeds:
+            keys = [_image_key(method, concepts, strength, features, seed, spec.text) for spec in specs]
+            missing = [spec for key, spec in zip(keys, specs) if self.cache.get(key) is None]
+            self.from_cache += len(specs) - len(missing)
+            self.bar.update(len(specs) - len(missing))
+            for start in range(0, len(missing), self.batch):
+                self._generate(setting, concepts, seed, missing[start : start + self.batch])
+            for key, spec in zip(keys, specs):
+                record = self.cache.get(key)
+                self.seconds += record["seconds"]
+                judged.append(Judged(spec.text, seed, spec.object, spec.style, record["object"], record["style"]))
+        return judged
+
+    def _generate(self, setting: Setting | None, concepts: list[str], seed: int, specs: list[PromptSpec]) -> None:
+        studio, world = self.studio, self.studio.world
+        method, strength, features = setting or (UNTOUCHED, 0.0, 0)
+        self.bar.set_postfix_str(
+            f"{method} {'+'.join(concepts) or '-'} {strength:g} x{features} seed {seed}", refresh=False
+        )
+        began = time.perf_counter()
+        hooks = studio.hooks(concepts, method, strength, features_per_step=features) if setting else []
+        result = generate_pairs(
+            studio.pipeline,
+            [spec.text for spec in specs],
+            hooks,
+            seed=seed,
+            steps=world.steps,
+            guidance=world.guidance,
+            height=world.height,
+            width=world.width,
+            include_originals=False,
+        )
+        verdicts = classify(self.classifier, result.erased)
+        seconds = time.perf_counter() - began
+        self.cache.add(
+            [
+                {
+                    "method": method,
+                    "concepts": concepts,
+                    "strength": strength,
+                    "features_per_step": features,
+                    "seed": seed,
+                    "prompt": spec.text,
+                    "object": verdict.object,
+                    "style": verdict.style,
+                    "seconds": seconds / len(specs),
+                }
+                for spec, verdict in zip(specs, verdicts)
+            ]
+        )
+        self.generated += len(specs)
+        self.generation_seconds += seconds
+        self.bar.update(len(specs))
+
+
+# --- The benchmark -------------------------------------------------------------------------------
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)
+
+
+def _metrics_dict(metrics: Metrics) -> dict:
+    return {"ua": _round(metrics.ua), "ira": _round(metrics.ira), "cra": _round(metrics.cra)}
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    present = [value for value in values if value is not None]
+    return sum(present) / len(present) if present else None
+
+
+def _check_ready(studio: Studio, classifier: MiniCanvasClassifier, concepts: list[str]) -> None:
+    """Fail before any image if an SAE, a dictionary or a classifier label is missing."""
+    world = studio.world
+    for method in METHODS:
+        for kind in KINDS:
+            if not any(world.kind_of(c) == kind for c in concepts):
+                continue
+            bundle = studio.bundles.get((method, kind))
+            if bundle is None or (method == "saemnesia" and bundle.dictionary is None):
+                raise ValueError(
+                    f"The benchmark needs a {method} SAE for {kind}s with statistics"
+                    f"{' and a dictionary' if method == 'saemnesia' else ''}: train it first (see README)."
+                )
+    unknown = [c for c in world.objects if c not in classifier.config.objects]
+    unknown += [c for c in world.styles if c not in classifier.config.styles]
+    if unknown:
+        raise ValueError(f"The classifier does not know {unknown}: it only scores the concepts it was trained on.")
+
+
+def evaluate(
+    studio: Studio,
+    classifier: MiniCanvasClassifier,
+    protocol: Protocol = FULL,
+    cache: Path | None = None,
+    progress: bool = True,
+) -> dict:
+    """Run the benchmark (strength search, held-out report, sequential erasure) and return the results JSON.
+
+    `cache` is a JSONL file of verdicts (created if missing); a rerun with the same model finds its
+    images there and makes only what is missing.
+    """
+    began = time.time()
+    world = studio.world
+    plan = _plan(world, protocol)
+    _check_ready(studio, classifier, plan.concepts)
+    kinds = {concept: world.kind_of(concept) for concept in plan.concepts}
+    tag = fingerprint(studio, classifier)
+    logger.info("%d images planned (%s protocol)", plan.images, protocol.name)
+    bar = tqdm(total=plan.images, desc=f"evaluate ({protocol.name})", unit="image", disable=not progress)
+    judge = _Judge(studio, classifier, VerdictCache(cache, tag), bar, protocol.batch_size)
+    untouched = {
+        (j.seed, j.prompt): j for seed, specs in plan.untouched.items() for j in judge.images(None, (), [seed], specs)
+    }
+
+    methods: dict[str, dict] = {method: {"concepts": {}} for method in METHODS}
+    chosen: dict[str, dict[str, Setting]] = {method: {} for method in METHODS}
+    search_seconds = dict.fromkeys(METHODS, 0.0)
+    for concept in plan.concepts:
+        for method in METHODS:
+            seconds_before = judge.seconds
+            chosen[method][concept], methods[method]["concepts"][concept] = _erase_concept(
+                judge, protocol, plan, untouched, method, concept, kinds[concept]
+            )
+            search_seconds[method] += judge.seconds - seconds_before
+    for method in METHODS:
+        methods[method]["summary"] = _summary(methods[method]["concepts"])
+        methods[method]["sequential"] = _sequential(judge, protocol, plan, untouched, method, chosen[method])
+    bar.close()
+    return {
+        "schema": 1,
+        "world": world.name,
+        "protocol": {**asdict(protocol), "rules": {"selection": SELECTION_RULE, "sequential": SEQUENTIAL_RULE}},
+        "settings": {
+            "steps": world.steps,
+            "guidance": world.guidance,
+            "height": world.height,
+            "width": world.width,
+            "model": studio.pipeline.name_or_path or world.model,
+            "object_block": world.object_block,
+            "style_block": world.style_block,
+            "fingerprint": tag,
+        },
+        "ceiling": ceiling(list(untouched.values()), kinds),
+        "methods": methods,
+        "search": _search_report(protocol, plan, search_seconds),
+        "paper": {
+            method: {kind: dict(zip(("ua", "ira", "cra"), values)) for kind, values in table.items()}
+            for method, table in PAPER_TABLE.items()
+        },
+        "images": {"planned": plan.images, "generated": judge.generated, "from_cache": judge.from_cache},
+        "generation_seconds": round(judge.generation_seconds, 2),
+        "wall_time_s": round(time.time() - began, 2),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _untouched_of(
+    untouched: Mapping[tuple[int, str], Judged], seeds: Sequence[int], specs: Sequence[PromptSpec]
+) -> list[Judged]:
+    return [untouched[seed, spec.text] for seed in seeds for spec in specs]
+
+
+def _erase_concept(
+    judge: _Judge,
+    protocol: Protocol,
+    plan: _Plan,
+    untouched: Mapping[tuple[int, str], Judged],
+    method: str,
+    concept: str,
+    kind: str,
+) -> tuple[Setting, dict]:
+    """Search `method`'s grid for `concept` on the tuning seeds, then measure the chosen setting on held-out ones."""
+    grid = search_grid(method, protocol.strengths, protocol.saeuron_features)
+    trials = {
+        setting: judge.images(setting, [concept], protocol.tuning_seeds, plan.tuning[concept]) for setting in grid
+    }
+    best, tuning = choose_setting(trials, concept, kind, protocol.tuning_seeds)
+    heldout = judge.images(best, [concept], protocol.heldout_seeds, plan.heldout[concept])
+    metrics = erasure_metrics(heldout, [concept], kind)
+    logger.info(
+        "%s %s: strength %g, %d latent(s)/step: %s",
+        method,
+        concept,
+        best.strength,
+        best.features_per_step,
+        _metrics_dict(metrics),
+    )
+    reference = _untouched_of(untouched, protocol.heldout_seeds, plan.heldout[concept])
+    return best, {
+        "kind": kind,
+        "chosen": {
+            "strength": best.strength,
+            "features_per_step": best.features_per_step,
+            "tuning_score": _round(tuning[best].score),
+        },
+        "tuning": [
+            {
+                "strength": s.strength,
+                "features_per_step": s.features_per_step,
+                **_metrics_dict(m),
+                "score": _round(m.score),
+            }
+            for s, m in tuning.items()
+        ],
+        "heldout": {**_metrics_dict(metrics), "images": len(heldout)},
+        "untouched": _metrics_dict(erasure_metrics(reference, [concept], kind)),
+    }
+
+
+def _sequential(
+    judge: _Judge,
+    protocol: Protocol,
+    plan: _Plan,
+    untouched: Mapping[tuple[int, str], Judged],
+    method: str,
+    chosen: Mapping[str, Setting],
+) -> list[dict]:
+    """UA / IRA / CRA with the first 1, 2, ... objects erased together, at the lower median of their tuned settings."""
+    reference = _untouched_of(untouched, protocol.sequential_seeds, plan.sequential_prompts)
+    steps = []
+    for erased in plan.sequential:
+        setting = Setting(
+            method,
+            statistics.median_low(chosen[c].strength for c in erased),
+            statistics.median_low(chosen[c].features_per_step for c in erased),
+        )
+        judged = judge.images(setting, erased, protocol.sequential_seeds, plan.sequential_prompts)
+        steps.append(
+            {
+                "erased": erased,
+                "strength": setting.strength,
+                "features_per_step": setting.features_per_step,
+                **_metrics_dict(erasure_metrics(judged, erased, "object")),
+                "images": len(judged),
+                "untouched": _metrics_dict(erasure_metrics(reference, erased, "object")),
+            }
+        )
+    return steps
+
+
+def _search_report(protocol: Protocol, plan: _Plan, seconds: Mapping[str, float]) -> dict:
+    """Trials, images and seconds of each method's search, and what the paper's 30 x 7 grid would cost."""
+    report: dict[str, dict] = {}
+    tuning_images = len(protocol.tuning_seeds) * sum(len(specs) for specs in plan.tuning.values())
+    for method in METHODS:
+        grid = search_grid(method, protocol.strengths, protocol.saeuron_features)
+        trials = len(grid) * len(plan.concepts)
+        report[method] = {
+            "strengths": list(protocol.strengths),
+            "features_per_step": sorted({setting.features_per_step for setting in grid}),
+            "trials_per_concept": len(grid),
+            "trials": trials,
+            "images": len(grid) * tuning_images,
+            "seconds": round(seconds[method], 2),
+            "seconds_per_trial": round(seconds[method] / trials, 3) if trials else None,
+        }
+    per_trial = report["saeuron"]["seconds_per_trial"]
+    paper_trials = PAPER_GRID_TRIALS * len(plan.concepts)
+    report["paper_grid"] = {
+        "trials_per_concept": PAPER_GRID_TRIALS,
+        "trials": paper_trials,
+        "estimated_seconds": None if per_trial is None else round(per_trial * paper_trials),
+    }
+    ours = report["saemnesia"]["trials_per_concept"]
+    report["trials_saved"] = {
+        "vs_saeuron": round(1 - ours / report["saeuron"]["trials_per_concept"], 4),
+        "vs_paper_grid": round(1 - ours / PAPER_GRID_TRIALS, 4),
+    }
+    return report
+
+
+def _summary(concepts: Mapping[str, dict]) -> dict:
+    """Mean held-out (and untouched) UA, IRA, CRA over the erased concepts of each kind."""
+    summary = {}
+    for kind in KINDS:
+        rows = [entry for entry in concepts.values() if entry["kind"] == kind]
+        if not rows:
+            continue
+        heldout = {name: _mean([row["heldout"][name] for row in rows]) for name in ("ua", "ira", "cra")}
+        untouched = {name: _mean([row["untouched"][name] for row in rows]) for name in ("ua", "ira", "cra")}
+        summary[kind] = {
+            **{name: _round(value) for name, value in heldout.items()},
+            "mean": _round(_mean(list(heldout.values()))),
+            "concepts": len(rows),
+            "untouched": {
+                **{name: _round(value) for name, value in untouched.items()},
+                "mean": _round(_mean(list(untouched.values()))),
+            },
+        }
+    return summary
+
+
+# --- Reporting -----------------------------------------------------------------------------------
+
+
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def results_table(results: dict) -> str:
+    """Markdown: our held-out UA / IRA / CRA next to the paper's Table 1, the search cost, sequential erasure."""
+    lines = [
+        f"Erasure on {results['world']} ({results['protocol']['name']} protocol; paper: UnlearnCanvas, Table 1 "
+        "of SAEmnesia; different worlds, so compare the gaps, not the levels)",
+        "",
+        "| method | erased | UA | IRA | CRA | mean | paper UA | paper IRA | paper CRA | paper mean |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for kind in KINDS:
+        for method in METHODS:
+            summary = results["methods"][method]["summary"].get(kind)
+            if summary is None:
+                continue
+            paper = PAPER_TABLE[method][kind]
+            ours = [summary[name] for name in ("ua", "ira", "cra", "mean")]
+            lines.append(
+                f"| {METHOD_NAMES[method]} | {kind}s | "
+                + " | ".join(map(_cell, ours))
+                + " | "
+                + " | ".join(map(_cell, [*paper, sum(paper) / 3]))
+                + " |"
+            )
+        summary = results["methods"]["saemnesia"]["summary"].get(kind)
+        if summary is not None:
+            untouched = summary["untouched"]
+            lines.append(
+                f"| untouched model | {kind}s | "
+                + " | ".join(_cell(untouched[name]) for name in ("ua", "ira", "cra", "mean"))
+                + " | | | | |"
+            )
+    search = results["search"]
+    lines += ["", "Strength search (per concept, on tuning seeds):", ""]
+    for method in METHODS:
+        entry = search[method]
+        lines.append(
+            f"- {METHOD_NAMES[method]}: {entry['trials_per_concept']} trials a concept, {entry['trials']} in all, "
+            f"{entry['images']} images, {entry['seconds']:.0f} s"
+        )
+    estimate = search["paper_grid"]["estimated_seconds"]
+    lines.append(
+        f"- the paper's SAeUron grid (30 x 7): {search['paper_grid']['trials']} trials, about "
+        f"{'-' if estimate is None else f'{estimate:.0f}'} s at SAeUron's measured time per trial; SAEmnesia "
+        f"searches {100 * search['trials_saved']['vs_paper_grid']:.2f}% fewer trials than that grid"
+    )
+    steps = results["methods"]["saemnesia"]["sequential"]
+    if steps:
+        lines += [
+            "",
+            "Sequential erasure (held-out seeds; UA on the erased objects, IRA on the rest):",
+            "",
+            "| objects erased | SAEmnesia UA / IRA / CRA | SAeUron UA / IRA / CRA | untouched UA / IRA / CRA |",
+            "|---:|---|---|---|",
+        ]
+        for index, step in enumerate(steps):
+            other = results["methods"]["saeuron"]["sequential"][index]
+            cells = [" / ".join(_cell(row[name]) for name in ("ua", "ira", "cra")) for row in (step, other)]
+            cells.append(" / ".join(_cell(step["untouched"][name]) for name in ("ua", "ira", "cra")))
+            lines.append(f"| {len(step['erased'])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _nan(value: float | None) -> float:
+    return math.nan if value is None else value
+
+
+METRIC_COLOURS = {"ua": "tab:red", "ira": "tab:blue", "cra": "tab:green"}
+
+
+def plot_strength_curves(results: dict, path: Path) -> None:
+    """UA, IRA, CRA against strength, averaged over each kind's erased concepts, one panel per method and kind.
+
+    These are tuning-seed numbers (the search itself); SAeUron's feature counts are line styles.
+    """
+    kinds = [kind for kind in KINDS if kind in results["methods"]["saemnesia"]["summary"]]
+    figure = Figure(figsize=(11, 3.4 * max(1, len(kinds))), layout="constrained")
+    axes = figure.subplots(max(1, len(kinds)), len(METHODS), squeeze=False)
+    line_styles = ["-", "--", ":", "-."]
+    for row, kind in enumerate(kinds):
+        for column, method in enumerate(METHODS):
+            axis = axes[row][column]
+            concepts = [entry for entry in results["methods"][method]["concepts"].values() if entry["kind"] == kind]
+            trials: dict[tuple[int, float], list[dict]] = {}
+            for entry in concepts:
+                for trial in entry["tuning"]:
+                    trials.setdefault((trial["features_per_step"], trial["strength"]), []).append(trial)
+            feature_counts = sorted({features for features, _ in trials})
+            for index, features in enumerate(feature_counts):
+                strengths = sorted(strength for count, strength in trials if count == features)
+                for name, colour in METRIC_COLOURS.items():
+                    values = [_nan(_mean([t[name] for t in trials[features, s]])) for s in strengths]
+                    axis.plot(strengths, values, line_styles[index % 4], color=colour, marker="o", markersize=3)
+            handles = [Line2D([], [], color=colour, label=name.upper()) for name, colour in METRIC_COLOURS.items()]
+            if len(feature_counts) > 1:
+                handles += [
+                    Line2D([], [], color="grey", linestyle=line_styles[index % 4], label=f"{features} latent(s)/step")
+                    for index, features in enumerate(feature_counts)
+                ]
+            axis.legend(handles=handles, fontsize=7)
+            axis.set_title(f"{METHOD_NAMES[method]}: erasing {kind}s ({len(concepts)})")
+            axis.set_xlabel("strength (gamma)")
+            axis.set_ylabel("% (tuning seeds, mean over concepts)")
+            axis.set_ylim(-2, 102)
+            axis.grid(alpha=0.3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+
+
+def plot_sequential(results: dict, path: Path) -> None:
+    """UA, IRA, CRA after each sequential step, both methods and the untouched model."""
+    figure = Figure(figsize=(12, 3.4), layout="constrained")
+    axes = figure.subplots(1, 3)
+    for axis, name in zip(axes, ("ua", "ira", "cra")):
+        for method, style in zip(METHODS, ("o-", "s--")):
+            steps = results["methods"][method]["sequential"]
+            axis.plot(
+                [len(s["erased"]) for s in steps], [_nan(s[name]) for s in steps], style, label=METHOD_NAMES[method]
+            )
+        steps = results["methods"]["saemnesia"]["sequential"]
+        axis.plot(
+            [len(s["erased"]) for s in steps],
+            [_nan(s["untouched"][name]) for s in steps],
+            ":",
+            color="grey",
+            label="untouched",
+        )
+        axis.set_title(name.upper())
+        axis.set_xlabel("objects erased")
+        axis.xaxis.get_major_locator().set_params(integer=True)
+        axis.set_ylim(-2, 102)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+
+
+def result_paths(out: Path, protocol_name: str) -> dict[str, Path]:
+    """Where `write_results` puts each file; the quick protocol's names end in `-quick`."""
+    suffix = "" if protocol_name == "full" else f"-{protocol_name}"
+    return {
+        "json": out / f"evaluation{suffix}.json",
+        "table": out / f"table{suffix}.md",
+        "strength_curves": out / f"strength-curves{suffix}.png",
+        "sequential": out / f"sequential{suffix}.png",
+    }
+
+
+def write_results(results: dict, out: Path) -> dict[str, Path]:
+    """The JSON (written atomically, for the app), the markdown table and the two plots, under `out`."""
+    paths = result_paths(out, results["protocol"]["name"])
+    out.mkdir(parents=True, exist_ok=True)
+    temporary = paths["json"].with_name(paths["json"].name + ".tmp")
+    temporary.write_text(json.dumps(results, indent=1) + "\n")
+    os.replace(temporary, paths["json"])
+    paths["table"].write_text(results_table(results))
+    plot_strength_curves(results, paths["strength_curves"])
+    plot_sequential(results, paths["sequential"])
+    return paths

@@ -1,0 +1,289 @@
+"""The erasure benchmark: metrics on hand-made verdicts, honest strength selection, quick mode on a tiny model."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from conftest import make_tiny_pipeline, make_tiny_sae
+from PIL import Image
+
+from saemnesia import cli
+from saemnesia import evaluate as evaluation
+from saemnesia.cli import build_parser
+from saemnesia.concepts import ConceptDictionary, ConceptStats
+from saemnesia.evaluate import (
+    FULL,
+    QUICK,
+    SAEURON_FEATURES,
+    Judged,
+    Metrics,
+    Setting,
+    VerdictCache,
+    accuracy,
+    balanced_prompts,
+    ceiling,
+    choose_setting,
+    erasure_metrics,
+    evaluate,
+    planned_images,
+    result_paths,
+    results_table,
+    search_grid,
+    write_results,
+)
+from saemnesia.generate import sampler_timesteps
+from saemnesia.minicanvas import classifier as classifier_module
+from saemnesia.minicanvas.classifier import ClassifierConfig, MiniCanvasClassifier
+from saemnesia.studio import SaeBundle, Studio
+from saemnesia.worlds import MINICANVAS
+
+TINY_WORLD = dataclasses.replace(
+    MINICANVAS,
+    name="tiny",
+    model="tiny-in-memory",
+    objects=("circle", "square", "star"),
+    styles=("sunset", "ocean"),
+    steps=2,
+    height=16,
+    width=16,
+    assets=None,
+)
+
+
+def judged(asked: str, seen: str, seed: int = 0) -> Judged:
+    """An image from 'object/style' asked and seen, e.g. judged('circle/sunset', 'square/sunset')."""
+    object_name, style = asked.split("/")
+    seen_object, seen_style = seen.split("/")
+    return Judged(f"a {object_name} in {style} style", seed, object_name, style, seen_object, seen_style)
+
+
+VERDICTS = [
+    judged("circle/sunset", "circle/sunset"),
+    judged("circle/ocean", "square/ocean"),
+    judged("circle/sunset", "star/ocean"),
+    judged("circle/ocean", "circle/ocean"),
+    judged("square/sunset", "square/sunset"),
+    judged("square/ocean", "circle/sunset"),
+    judged("star/sunset", "star/sunset"),
+    judged("star/ocean", "star/ocean"),
+    judged("star/ocean", "star/sunset"),
+    judged("square/sunset", "square/sunset"),
+]
+
+
+def test_object_erasure_metrics_on_hand_made_verdicts():
+    metrics = erasure_metrics(VERDICTS, ["circle"], "object")
+    # circle images: 2 of 4 still drawn circles; others: 5 of 6 right; styles: 7 of 10 right.
+    assert metrics == Metrics(ua=50.0, ira=pytest.approx(500 / 6), cra=70.0)
+    assert metrics.score == pytest.approx((50 + 500 / 6) / 2)
+
+
+def test_style_erasure_metrics_use_styles_for_ua_and_ira_and_objects_for_cra():
+    metrics = erasure_metrics(VERDICTS, ["ocean"], "style")
+    # ocean images: 3 of 5 still ocean; sunset images: 4 of 5 right; objects: 7 of 10 right.
+    assert metrics == Metrics(ua=40.0, ira=80.0, cra=70.0)
+
+
+def test_several_erased_concepts_count_together_and_empty_groups_are_none():
+    assert erasure_metrics(VERDICTS, ["circle", "square"], "object") == Metrics(
+        ua=pytest.approx(100 - 400 / 7), ira=100.0, cra=70.0
+    )
+    nothing_left = erasure_metrics(VERDICTS, ["circle", "square", "star"], "object")
+    assert nothing_left.ira is None and nothing_left.score is None
+    assert erasure_metrics(VERDICTS, ["moon"], "object").ua is None
+    assert accuracy([], "object") is None
+
+
+def test_ceiling_is_the_untouched_accuracy_overall_and_per_concept():
+    assert ceiling(VERDICTS, {"circle": "object", "ocean": "style"}) == {
+        "object_accuracy": 70.0,
+        "style_accuracy": 70.0,
+        "images": 10,
+        "per_concept": {"circle": 50.0, "ocean": 60.0},
+    }
+
+
+def test_strength_is_chosen_by_ua_plus_ira_on_tuning_seeds_only():
+    mild, medium, strong = Setting("saemnesia", -1.0), Setting("saemnesia", -10.0), Setting("saemnesia", -30.0)
+    tuning_seed, heldout_seed = 7, 8
+    trials = {
+        # Keeps everything: UA 0, IRA 100 -> 50.
+        mild: [
+            judged("circle/sunset", "circle/sunset", tuning_seed),
+            judged("star/sunset", "star/sunset", tuning_seed),
+        ],
+        # Erases and keeps: UA 100, IRA 100 -> 100, but looks bad on the held-out seed.
+        medium: [
+            judged("circle/sunset", "star/sunset", tuning_seed),
+            judged("star/sunset", "star/sunset", tuning_seed),
+            judged("circle/sunset", "circle/sunset", heldout_seed),
+            judged("star/sunset", "circle/sunset", heldout_seed),
+        ],
+        # Erases everything: UA 100, IRA 0 -> 50, though perfect on the held-out seed.
+        strong: [
+            judged("circle/sunset", "star/sunset", tuning_seed),
+            judged("star/sunset", "circle/sunset", tuning_seed),
+            *[judged("circle/sunset", "star/sunset", heldout_seed), judged("star/sunset", "star/sunset", heldout_seed)]
+            * 5,
+        ],
+    }
+    best, metrics = choose_setting(trials, "circle", "object", tuning_seeds={tuning_seed})
+    assert best == medium
+    assert metrics == {
+        mild: Metrics(0.0, 100.0, 100.0),
+        medium: Metrics(100.0, 100.0, 100.0),
+        strong: Metrics(100.0, 0.0, 100.0),
+    }
+    # With the held-out seed counted, the strong setting would have won: it must not be seen.
+    assert choose_setting(trials, "circle", "object", tuning_seeds={tuning_seed, heldout_seed})[0] == strong
+
+
+def test_ties_go_to_the_mildest_setting_tried_first():
+    trials = {Setting("saeuron", s, 2): [judged("circle/sunset", "star/sunset")] for s in (-1.0, -5.0)}
+    trials[Setting("saeuron", -5.0, 2)].append(judged("square/sunset", "square/sunset"))
+    trials[Setting("saeuron", -1.0, 2)].append(judged("square/sunset", "square/sunset"))
+    assert choose_setting(trials, "circle", "object", {0})[0] == Setting("saeuron", -1.0, 2)
+
+
+def test_search_grids_give_saeuron_three_feature_counts_of_the_seven_strengths():
+    assert SAEURON_FEATURES == (1, 2, 3)
+    ours, theirs = (search_grid(m, FULL.strengths, FULL.saeuron_features) for m in ("saemnesia", "saeuron"))
+    assert len(ours) == 7 and {s.features_per_step for s in ours} == {1}
+    assert len(theirs) == 21 and {(s.strength, s.features_per_step) for s in theirs} == {
+        (strength, count) for strength in FULL.strengths for count in (1, 2, 3)
+    }
+
+
+def test_prompts_are_balanced_and_distinct():
+    prompts = balanced_prompts(MINICANVAS, MINICANVAS.objects, 100)
+    assert {(p.object, p.style) for p in prompts} == {(o, s) for o in MINICANVAS.objects for s in MINICANVAS.styles}
+    every = balanced_prompts(MINICANVAS, ["neon"], 1000)
+    assert len(every) == len({p.text for p in every}) == 30 and {p.style for p in every} == {"neon"}
+
+
+def test_protocol_image_counts_match_the_documented_budget():
+    assert planned_images(MINICANVAS, FULL) == 15_832
+    assert planned_images(MINICANVAS, QUICK) == 1_131
+    with pytest.raises(ValueError, match="seeds must differ"):
+        dataclasses.replace(QUICK, heldout_seeds=QUICK.tuning_seeds)
+
+
+def test_cache_skips_broken_lines_and_other_fingerprints(tmp_path):
+    path = tmp_path / "cache.jsonl"
+    record = {"method": "saemnesia", "concepts": ["circle"], "strength": -5.0, "features_per_step": 1, "seed": 3}
+    record |= {"prompt": "a circle", "object": "star", "style": "neon", "seconds": 0.1}
+    lines = [json.dumps(record | {"fingerprint": "old"}), json.dumps(record | {"fingerprint": "new", "seed": 4})]
+    path.write_text("\n".join(lines) + '\n{"method": "saemn')
+    cache = VerdictCache(path, "new")
+    assert list(cache.records) == [("saemnesia", ("circle",), -5.0, 1, 4, "a circle")]
+    cache.add([dict(record)])
+    reloaded = VerdictCache(path, "new")
+    assert set(reloaded.records) == {("saemnesia", ("circle",), -5.0, 1, seed, "a circle") for seed in (3, 4)}
+
+
+def tiny_studio() -> Studio:
+    """The tiny pipeline with random SAEs and planted statistics for both methods and both kinds."""
+    pipeline = make_tiny_pipeline()
+    sae = make_tiny_sae()
+    concepts = list(TINY_WORLD.concepts)
+    kinds = [TINY_WORLD.kind_of(c) for c in concepts]
+    timesteps = torch.tensor(sampler_timesteps(pipeline, TINY_WORLD.steps))
+    mean_acts = torch.rand(len(concepts), len(timesteps), sae.num_latents, generator=torch.Generator().manual_seed(0))
+    latents = {concept: 10 * (index + 1) for index, concept in enumerate(concepts)}
+    for index, concept in enumerate(concepts):
+        mean_acts[index, :, latents[concept]] += 3.0
+    stats = ConceptStats(concepts, kinds, timesteps, mean_acts)
+    dictionary = ConceptDictionary(latents, dict(zip(concepts, kinds)))
+    bundles = {
+        (method, kind): SaeBundle(sae, TINY_WORLD.block_for(kind), stats, dictionary)
+        for method in ("saemnesia", "saeuron")
+        for kind in ("object", "style")
+    }
+    return Studio(TINY_WORLD, pipeline, bundles)
+
+
+def tiny_classifier() -> MiniCanvasClassifier:
+    torch.manual_seed(0)
+    return MiniCanvasClassifier(ClassifierConfig(TINY_WORLD.objects, TINY_WORLD.styles, channels=(4, 4, 4))).eval()
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("evaluate")
+    studio, classifier = tiny_studio(), tiny_classifier()
+    results = evaluate(studio, classifier, QUICK, cache=folder / "cache.jsonl", progress=False)
+    return studio, classifier, folder, results
+
+
+def test_quick_mode_tunes_on_tuning_seeds_and_reports_on_heldout_ones(quick_run):
+    _, _, _, results = quick_run
+    planned = planned_images(TINY_WORLD, QUICK)
+    assert results["images"]["generated"] + results["images"]["from_cache"] == planned
+    assert results["search"]["saemnesia"]["trials"] == 7 * 5 and results["search"]["saeuron"]["trials"] == 21 * 5
+    assert results["search"]["paper_grid"]["trials"] == 210 * 5
+    assert results["search"]["trials_saved"]["vs_paper_grid"] == pytest.approx(1 - 7 / 210, abs=1e-4)
+    for method, trials_per_concept in (("saemnesia", 7), ("saeuron", 21)):
+        concepts = results["methods"][method]["concepts"]
+        assert list(concepts) == ["circle", "square", "star", "sunset", "ocean"]
+        for entry in concepts.values():
+            assert len(entry["tuning"]) == trials_per_concept
+            best = max(entry["tuning"], key=lambda trial: trial["score"])
+            assert entry["chosen"]["tuning_score"] == best["score"]
+            assert entry["heldout"]["images"] == 2 * QUICK.heldout_concept_prompts
+        assert set(results["methods"][method]["summary"]) == {"object", "style"}
+        steps = results["methods"][method]["sequential"]
+        assert [step["erased"] for step in steps] == [["circle"], ["circle", "square"]]
+
+
+def test_quick_mode_writes_json_table_and_plots(quick_run, tmp_path):
+    _, _, _, results = quick_run
+    paths = write_results(results, tmp_path / "results")
+    assert paths == result_paths(tmp_path / "results", "quick")
+    assert json.loads(paths["json"].read_text()) == json.loads(json.dumps(results))
+    for name in ("strength_curves", "sequential"):
+        with Image.open(paths[name]) as image:
+            assert image.format == "PNG" and image.width > 400
+    table = paths["table"].read_text()
+    assert table == results_table(results)
+    assert "| SAEmnesia | objects |" in table and "94.65 | 91.39 | 88.48 | 91.51" in table
+    assert "| SAeUron | styles |" in table and "95.80 | 99.10 | 99.40" in table
+
+
+def test_rerun_takes_every_image_from_the_cache(quick_run, monkeypatch):
+    studio, classifier, folder, first = quick_run
+    calls = []
+    monkeypatch.setattr(evaluation, "generate_pairs", lambda *args, **kwargs: calls.append(args))
+    again = evaluate(studio, classifier, QUICK, cache=folder / "cache.jsonl", progress=False)
+    assert calls == []
+    assert again["images"] == {
+        "planned": first["images"]["planned"],
+        "generated": 0,
+        "from_cache": first["images"]["planned"],
+    }
+    assert again["methods"] == first["methods"] and again["ceiling"] == first["ceiling"]
+    assert again["search"] == first["search"]
+
+
+def test_evaluate_command_writes_results_from_a_warm_cache(quick_run, monkeypatch, tmp_path, capsys):
+    _, _, folder, first = quick_run
+    monkeypatch.setattr(cli, "_load_studio", lambda args: tiny_studio())
+    monkeypatch.setattr(classifier_module, "load_classifier", lambda folder, device: tiny_classifier())
+    monkeypatch.setattr(evaluation, "generate_pairs", lambda *args, **kwargs: pytest.fail("nothing to generate"))
+    cli.main(
+        ["evaluate", "--quick", "--out", str(tmp_path), "--cache", str(folder / "cache.jsonl"), "--classifier", "x"]
+    )
+    written = json.loads(result_paths(tmp_path, "quick")["json"].read_text())
+    assert written["settings"]["fingerprint"] == first["settings"]["fingerprint"]
+    assert written["methods"] == json.loads(json.dumps(first["methods"]))
+    assert "| SAEmnesia | objects |" in capsys.readouterr().out
+
+
+def test_evaluate_command_defaults():
+    args = build_parser().parse_args(["evaluate", "--quick"])
+    assert (args.world, args.quick, args.out, args.cache) == (
+        "minicanvas",
+        True,
+        "assets/minicanvas/results",
+        "runs/eval-cache.jsonl",
+    )
