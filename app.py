@@ -18,6 +18,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
 import pandas as pd  # noqa: E402
+import torch  # noqa: E402
 
 from saemnesia.heatmaps import mask_overlay, overlay, upscale  # noqa: E402
 from saemnesia.studio import Studio  # noqa: E402
@@ -45,13 +46,23 @@ classifier that tells objects and styles apart. Everything runs on a CPU, offlin
 """
 
 
-def verdict_caption(classifier, image, label: str) -> str:
-    if classifier is None:
-        return label
+def whole_as_int(value: object) -> object:
+    """A JSON number such as 20.0 as the integer 20; anything else as it came, for the Studio to check."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def verdict_rows(classifier, images: dict) -> str:
+    """A markdown table of the classifier's verdict on each named image (empty without a classifier)."""
+    if classifier is None or not images:
+        return ""
     from saemnesia.minicanvas.classifier import classify
 
-    verdict = classify(classifier, [image])[0]
-    return f"{label} · {verdict.object} ({verdict.object_prob:.0%}) · {verdict.style} ({verdict.style_prob:.0%})"
+    lines = ["| image | object seen | style seen |", "|---|---|---|"]
+    for name, verdict in zip(images, classify(classifier, list(images.values()))):
+        lines.append(
+            f"| {name} | {verdict.object} ({verdict.object_prob:.0%}) | {verdict.style} ({verdict.style_prob:.0%}) |"
+        )
+    return "\n".join(lines)
 
 
 def load_results(world) -> dict:
@@ -59,8 +70,9 @@ def load_results(world) -> dict:
     results = {}
     if world.assets is None:
         return results
+    full, quick = world.assets / "results" / "evaluation.json", world.assets / "results" / "evaluation-quick.json"
     for name, path in {
-        "benchmark": world.assets / "results" / "results.json",
+        "benchmark": full if full.is_file() else quick,
         "quality": world.assets / "quality.json",
         "centralisation": world.sae_folder("supervised", "object") / "centralisation.json",
     }.items():
@@ -117,53 +129,50 @@ def erase_tab(studio: Studio, classifier, last_run: gr.State) -> None:
                 features = gr.Slider(1, 3, value=1, step=1, label="SAeUron: latents per step (its percentile)")
             run = gr.Button("Erase", variant="primary")
         with gr.Column(scale=3):
-            slider = gr.ImageSlider(label="Before / after (SAEmnesia, or the method chosen)", height=DISPLAY)
+            slider = gr.ImageSlider(label="Before / after (drag; the first method chosen)", max_height=DISPLAY)
             panes = gr.Gallery(label="Original and erased, same seed", columns=3, height=DISPLAY + 60)
             neighbours = gr.Gallery(label="Neighbours: the same erasure on other concepts (should survive)", columns=3)
             status = gr.Markdown()
     preset.change(lambda name: STRENGTH_PRESETS.get(name, -10), preset, strength, api_name=False)
 
     def erase(prompt, concepts, method, strength, seed, steps, guidance, start_step, features, progress=gr.Progress()):
-        methods = METHOD_CHOICES.get(method)
+        methods = METHOD_CHOICES.get(method) if isinstance(method, str) else None
         if methods is None:
-            raise gr.Error(f"method must be one of {', '.join(METHOD_CHOICES)}, got {method!r}.")
+            raise gr.Error(f"method must be one of {', '.join(METHOD_CHOICES)}, got {method!r}.", print_exception=False)
         try:
-            prompt, _ = studio.check_prompt(prompt)
-            prompts = [prompt] + studio.neighbour_prompts(prompt, list(concepts or []))
+            prompt, prompt_warning = studio.check_prompt(prompt)
+            concepts = studio.check_concepts(concepts or [])
+            prompts = [prompt] + studio.neighbour_prompts(prompt, concepts)
             started, runs = time.perf_counter(), {}
             for index, name in enumerate(methods):
                 progress(index / len(methods), desc=f"Generating with {name}")
                 runs[name] = studio.erase(
                     prompts,
-                    list(concepts or []),
+                    concepts,
                     method=name,
-                    strength=float(strength),
-                    seed=int(seed) if seed is not None else -1,
-                    steps=int(steps),
-                    guidance=float(guidance),
-                    start_step=int(start_step),
-                    features_per_step=int(features),
+                    strength=strength,
+                    seed=whole_as_int(seed),
+                    steps=whole_as_int(steps),
+                    guidance=guidance,
+                    start_step=whole_as_int(start_step),
+                    features_per_step=whole_as_int(features),
                     record=True,
                 )
         except (ValueError, KeyError) as error:
-            raise gr.Error(str(error)) from None
+            raise gr.Error(str(error), print_exception=False) from None
+        except torch.OutOfMemoryError:
+            raise gr.Error("The server ran out of memory for this request: try again, or with fewer steps.") from None
         elapsed = time.perf_counter() - started
         first = runs[methods[0]]
         original = first.originals[0]
-        gallery = [(upscale(original, DISPLAY), verdict_caption(classifier, original, "original"))]
-        for name, result in runs.items():
-            gallery.append(
-                (upscale(result.erased[0], DISPLAY), verdict_caption(classifier, result.erased[0], f"erased · {name}"))
-            )
-        neighbour_panes = []
-        for index, neighbour in enumerate(first.prompts[1:], start=1):
-            erased = first.erased[index]
-            neighbour_panes.append(
-                (upscale(erased, DISPLAY), verdict_caption(classifier, erased, f"“{neighbour}” erased"))
-            )
+        shown = {"original": original} | {f"erased ({name})": result.erased[0] for name, result in runs.items()}
+        neighbours = {f"“{text}” erased": first.erased[i] for i, text in enumerate(first.prompts[1:], start=1)}
+        gallery = [(upscale(image, DISPLAY), name) for name, image in shown.items()]
+        neighbour_panes = [(upscale(image, DISPLAY), name) for name, image in neighbours.items()]
         notes = [f"{len(methods) * 2 * len(prompts)} images in {elapsed:.1f} s · seed {int(seed)}"]
-        notes += [f"⚠️ {w}" for w in first.settings.get("warnings", [])]
-        state = {"runs": runs, "concepts": list(concepts or []), "settings": first.settings}
+        notes += [f"⚠️ {prompt_warning}"] if prompt_warning else []
+        notes.append(verdict_rows(classifier, shown | neighbours))
+        state = {"runs": runs, "concepts": concepts, "settings": first.settings}
         return (
             (upscale(original, DISPLAY), upscale(first.erased[0], DISPLAY)),
             gallery,
@@ -177,6 +186,7 @@ def erase_tab(studio: Studio, classifier, last_run: gr.State) -> None:
         [prompt, concepts, method, strength, seed, steps, guidance, start_step, features],
         [slider, panes, neighbours, status, last_run],
         api_name="erase",
+        preprocess=False,  # raw values reach the Studio, whose checks name the field (gradio's do not)
     )
 
 
@@ -301,7 +311,9 @@ def metrics_tab(studio: Studio, classifier, results: dict) -> None:
     gr.Markdown("### Benchmark (cached; `python -m saemnesia evaluate` makes it)")
     benchmark = results.get("benchmark")
     if benchmark:
-        gr.Markdown(benchmark.get("markdown", ""))
+        from saemnesia.evaluate import results_table
+
+        gr.Markdown(f"Protocol: **{benchmark['protocol']['name']}**\n\n" + results_table(benchmark))
         plots = sorted((studio.world.assets / "results").glob("*.png"))
         if plots:
             gr.Gallery([str(p) for p in plots], columns=2, label="Strength and sequential curves")

@@ -10,6 +10,7 @@ at `up_blocks.1.attentions.1` (the paper's shape on SD: 1280 -> 20480, k = 32).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import socket
@@ -35,11 +36,12 @@ from saemnesia.generate import SaeHook, _block_edit, generate_pairs, initial_noi
 from saemnesia.hooks import block_width, hooked_block
 from saemnesia.sae import Sae, SaeConfig
 from saemnesia.studio import DICTIONARY_FILE, STATS_FILE, SaeBundle
-from saemnesia.train import LABELS, SaeTrainConfig, train_sae
+from saemnesia.train import LABELS, Activations, SaeTrainConfig, train_sae
 from saemnesia.worlds import MINICANVAS, SD_V14_UNET_CONFIG, WORLDS, World, load_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
-BLOCK = "up_blocks.1.attentions.1"
+TRAINING_BLOCK = "up_blocks.1.attentions.1"
+"""The block name the synthetic activations are stored under."""
 SECTIONS = ("minicanvas", "sd", "app", "train")
 SEED = 0
 STRENGTH = -10.0
@@ -110,6 +112,8 @@ class Subject:
     height: int
     width: int
     sae_source: str
+    judged: bool = True
+    """Whether the targets apply: not to the narrow `quick` stand-in of SD, whose shares are not SD's."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -189,9 +193,16 @@ def world_bundle(world: World, pipeline: StableDiffusionPipeline, steps: int) ->
 
 
 def subject_for(
-    name: str, world: World, pipeline: StableDiffusionPipeline, steps: int, height: int, width: int
+    name: str,
+    world: World,
+    pipeline: StableDiffusionPipeline,
+    bundle: SaeBundle,
+    source: str,
+    steps: int,
+    height: int,
+    width: int,
 ) -> Subject:
-    bundle, source = world_bundle(world, pipeline, steps)
+    """Erase the world's first object from a prompt of it, with the bundle's SAE."""
     concept = world.objects[0]
     erasure = saemnesia_erasure(bundle.stats, bundle.dictionary, [concept], STRENGTH)
     prompt = world.prompt(concept, world.styles[0] if world.styles else "photo")
@@ -205,7 +216,7 @@ def minicanvas_pipeline(device: str) -> StableDiffusionPipeline:
     return load_pipeline(MINICANVAS.model, device=device)
 
 
-def random_sd_pipeline(latent: int, quick: bool, device: str) -> StableDiffusionPipeline:
+def sd_layout_pipeline(latent: int, quick: bool, device: str) -> StableDiffusionPipeline:
     """Stable Diffusion v1.4's UNet with random weights (narrow with `quick`), a one-level random VAE
     (images the size of the latents) and a one-layer random text encoder: only the UNet's cost matters."""
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -218,6 +229,7 @@ def random_sd_pipeline(latent: int, quick: bool, device: str) -> StableDiffusion
         unet_config.update(block_out_channels=[32, 64, 64, 64], cross_attention_dim=32)
     unet = UNet2DConditionModel.from_config(unet_config)
     tokenizer = build_tokenizer()
+    tokenizer.model_max_length = 77  # SD's text length: what the UNet's cross-attention reads
     text_width = unet_config["cross_attention_dim"]
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
@@ -225,6 +237,7 @@ def random_sd_pipeline(latent: int, quick: bool, device: str) -> StableDiffusion
             intermediate_size=4 * text_width,
             num_attention_heads=8,
             num_hidden_layers=1,
+            max_position_embeddings=tokenizer.model_max_length,
             vocab_size=len(tokenizer),
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
@@ -251,8 +264,7 @@ def random_sd_pipeline(latent: int, quick: bool, device: str) -> StableDiffusion
         requires_safety_checker=False,
     )
     pipeline.set_progress_bar_config(disable=True)
-    dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    return pipeline.to(device, dtype)
+    return pipeline.to(device, torch.float16) if device.startswith("cuda") else pipeline.to(device)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -301,7 +313,7 @@ def pair_rows(subject: Subject, repeats: int, device: torch.device) -> list[Row]
             "s",
             times["hooked pair"],
             median_ratio(times["hooked pair"], times["plain pair"]),
-            PAIR_TARGET,
+            PAIR_TARGET if subject.judged else None,
             f"{subject.steps} steps, {subject.height}x{subject.width}, edit on; {subject.sae_source}",
         ),
         Row(
@@ -348,7 +360,15 @@ def sae_share_rows(subject: Subject, repeats: int, device: torch.device) -> list
     )
     return [
         Row(subject.name, f"UNet call (batch {rows})", "s", times["unet"]),
-        Row(subject.name, "SAE per UNet call: share / floor", "s", times["edit"], share / floor, SHARE_TARGET, note),
+        Row(
+            subject.name,
+            "SAE per UNet call: share / floor",
+            "s",
+            times["edit"],
+            share / floor,
+            SHARE_TARGET if subject.judged else None,
+            note,
+        ),
     ]
 
 
@@ -382,6 +402,7 @@ def app_rows(pipeline: StableDiffusionPipeline, steps: int, repeats: int, device
     """Start `python app.py` to HTTP 200, then one `/erase` through gradio_client: what a user waits for."""
     from gradio_client import Client
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP request otherwise
     app = ROOT / "app.py"
     if not app.is_file():
         raise Skipped(f"No app.py in {ROOT}.")
@@ -390,9 +411,10 @@ def app_rows(pipeline: StableDiffusionPipeline, steps: int, repeats: int, device
     prompt = world.prompt(concept, world.styles[0])
     started, first_pair = [], []
     with tempfile.TemporaryDirectory() as scratch:
-        arguments = ["--device", device]
-        bundle, source = world_bundle(world, pipeline, steps)
+        arguments, source = ["--device", device], "the world's SAE"
         if trained_sae_folder(world) is None:
+            # The app erases only with an SAE in its assets: give it assets with a random one and the classifier.
+            bundle, source = world_bundle(world, pipeline, steps)
             assets = Path(scratch) / "assets"
             folder = assets / "sae" / "supervised" / world.object_block
             bundle.sae.save(folder)
@@ -431,7 +453,7 @@ def app_rows(pipeline: StableDiffusionPipeline, steps: int, repeats: int, device
                 except subprocess.TimeoutExpired:
                     process.kill()
                     process.wait()
-    note = f"'{prompt}', erase {concept}, {steps} steps: the prompt and 3 neighbours, 8 images; {source}"
+    note = f"the app's whole /erase: '{prompt}' and its neighbour prompts, erase {concept}, {steps} steps; {source}"
     return [
         Row("app", "app start to ready (HTTP 200)", "s", started),
         Row("app", "first pair via gradio_client /erase", "s", first_pair, note=note),
@@ -448,25 +470,25 @@ def write_synthetic_activations(folder: Path, width: int, tokens_per_image: int,
     generator = torch.Generator().manual_seed(SEED)
     tokens = torch.randn(images * tokens_per_image, width, generator=generator).half()
     labels = torch.tensor([[0, 0, 0, 0, 999, image] for image in range(images)], dtype=torch.int32)
-    save_file({BLOCK: tokens, "labels": labels}, str(folder / "shard-00000.safetensors"))
+    save_file({TRAINING_BLOCK: tokens, "labels": labels}, str(folder / "shard-00000.safetensors"))
     settings = {
         "objects": ["object"],
         "styles": ["style"],
-        "blocks": [BLOCK],
+        "blocks": [TRAINING_BLOCK],
         "timesteps": [999],
         "num_images": images,
         "labels": list(LABELS),
     }
-    blocks = {BLOCK: {"width": width, "tokens_per_image": tokens_per_image}}
+    blocks = {TRAINING_BLOCK: {"width": width, "tokens_per_image": tokens_per_image}}
     manifest = {"settings": settings, "blocks": blocks, "shards": ["shard-00000.safetensors"], "complete": True}
     (folder / "manifest.json").write_text(json.dumps(manifest))
     return folder
 
 
-def plain_training(batches: list[torch.Tensor], config: SaeConfig, lr: float) -> Sae:
+def plain_training(batches: list[torch.Tensor], config: SaeConfig, lr: float, device: torch.device) -> Sae:
     """The textbook loop: TopK SAE forward, MSE, Adam step; the same model and batches as our trainer's."""
     torch.manual_seed(SEED)
-    sae = Sae(config)
+    sae = Sae(config).to(device)
     optimizer = torch.optim.Adam(sae.parameters(), lr=lr)
     for x in batches:
         loss = (sae(x) - x).pow(2).mean()
@@ -476,44 +498,56 @@ def plain_training(batches: list[torch.Tensor], config: SaeConfig, lr: float) ->
     return sae
 
 
-def training_rows(quick: bool, repeats: int) -> list[Row]:
-    """Tokens per second of `train_sae` (from disk, with AuxK and decoder upkeep) and of a plain loop."""
-    from saemnesia.train import Activations
+def training_rows(quick: bool, repeats: int, device: torch.device) -> list[Row]:
+    """Tokens per second of a plain loop and of `train_sae`, without and with its AuxK term.
 
+    Without AuxK (no latent is ever counted dead) the trainer does the plain loop's work plus its own:
+    reading shards, the decoder's unit-norm upkeep, bookkeeping; that is its overhead. With AuxK it
+    runs SAeUron's full recipe, whose extra term costs what it costs.
+    """
     width, batch_size, batches = (64, 256, 4) if quick else (1280, 256, 4)
     tokens_per_image = 64
     images = batch_size * batches // tokens_per_image
-    config = SaeTrainConfig(expansion_factor=16, k=32, batch_size=batch_size, epochs=1, holdout=0.0)
+    recipe = SaeTrainConfig(expansion_factor=16, k=32, batch_size=batch_size, epochs=1, holdout=0.0)
+    without_auxk = replace(recipe, dead_tokens=2**62)
     sae_config = SaeConfig(d_in=width, num_latents=16 * width, k=32, expansion_factor=16)
     lr = 2e-4 / (sae_config.num_latents / 2**14) ** 0.5
     tokens = batch_size * batches
     with tempfile.TemporaryDirectory() as scratch:
         activations = Activations.open(write_synthetic_activations(Path(scratch), width, tokens_per_image, images))
-        data = activations.load(0, BLOCK)[0].flatten(0, 1).float()
+        data = activations.load(0, TRAINING_BLOCK)[0].flatten(0, 1).to(device, torch.float32)
         plain_batches = list(data.split(batch_size))
         with torch.enable_grad():
             times = time_in_turn(
                 {
-                    "ours": lambda: train_sae(activations, BLOCK, config, progress=False),
-                    "plain": lambda: plain_training(plain_batches, sae_config, lr),
+                    "plain": lambda: plain_training(plain_batches, sae_config, lr, device),
+                    "ours": lambda: train_sae(activations, TRAINING_BLOCK, without_auxk, device=device, progress=False),
+                    "recipe": lambda: train_sae(activations, TRAINING_BLOCK, recipe, device=device, progress=False),
                 },
                 repeats,
-                torch.device("cpu"),
+                device,
             )
-    note = (
-        f"SAE {width} -> {sae_config.num_latents}, k 32, {batches} batches of {batch_size} tokens; both build the "
-        "SAE; ours also reads the shards and runs AuxK and decoder normalisation"
+    shape = (
+        f"SAE {width} -> {sae_config.num_latents}, k 32, {batches} batches of {batch_size} tokens, built in each run"
     )
     return [
-        Row("train", "plain loop: TopK SAE + MSE + Adam", "tokens/s", [tokens / t for t in times["plain"]]),
+        Row("train", "plain loop: TopK SAE + MSE + Adam", "tokens/s", [tokens / t for t in times["plain"]], note=shape),
         Row(
             "train",
-            "train_sae: time / plain loop's",
+            "train_sae without AuxK: time / plain loop's",
             "tokens/s",
             [tokens / t for t in times["ours"]],
             median_ratio(times["ours"], times["plain"]),
-            TRAIN_TARGET,
-            note,
+            None if quick else TRAIN_TARGET,
+            "the trainer's overhead: shards from disk, decoder unit-norm upkeep, bookkeeping",
+        ),
+        Row(
+            "train",
+            "train_sae, full recipe (AuxK): time / plain loop's",
+            "tokens/s",
+            [tokens / t for t in times["recipe"]],
+            median_ratio(times["recipe"], times["plain"]),
+            note="adds SAeUron's AuxK term (on this small set, a latent unfired for one batch counts as dead)",
         ),
     ]
 
@@ -556,6 +590,14 @@ def resolved(options: BenchOptions) -> BenchOptions:
 def run_bench(options: BenchOptions) -> dict:
     """Every section not skipped; a section that cannot run becomes one row saying why."""
     options = resolved(options)
+    if options.repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {options.repeats}.")
+    if options.sd_latent < 8 or options.sd_latent % 8:
+        raise ValueError(
+            f"sd_latent must be a multiple of 8 (the UNet halves it three times), got {options.sd_latent}."
+        )
+    if unknown := set(options.skip) - set(SECTIONS):
+        raise ValueError(f"unknown sections to skip: {sorted(unknown)}; sections are {', '.join(SECTIONS)}.")
     device = torch.device(options.device)
     report = {"machine": machine(device), "options": asdict(options), "rows": []}
     rows: list[Row] = []
@@ -567,7 +609,8 @@ def run_bench(options: BenchOptions) -> dict:
         except Skipped as error:
             minicanvas_error = error
 
-    def section(name: str, measure: Callable[[], list[Row]]) -> None:
+    def section(name: str, measure: Callable[[], list[Row]], failures: tuple[type[Exception], ...] = ()) -> None:
+        """Run one section; a skip, or one of the `failures` it may meet, becomes a row saying so."""
         if name in options.skip:
             rows.append(Row(name, "skipped", "", note="--skip"))
             return
@@ -575,20 +618,27 @@ def run_bench(options: BenchOptions) -> dict:
             rows.extend(measure())
         except Skipped as error:
             rows.append(Row(name, "skipped", "", note=str(error)))
+        except failures as error:
+            rows.append(Row(name, "failed", "", note=f"{type(error).__name__}: {error}"))
 
     def measure_minicanvas() -> list[Row]:
         if minicanvas is None:
             raise minicanvas_error
         world = MINICANVAS
         steps = options.steps or world.steps
-        subject = subject_for("minicanvas", world, minicanvas, steps, world.height, world.width)
+        bundle, source = world_bundle(world, minicanvas, steps)
+        subject = subject_for("minicanvas", world, minicanvas, bundle, source, steps, world.height, world.width)
         return pair_rows(subject, options.repeats, device) + sae_share_rows(subject, options.repeats, device)
 
     def measure_sd() -> list[Row]:
-        pipeline = random_sd_pipeline(options.sd_latent, options.quick, options.device)
+        world, steps = WORLDS["sd"], options.steps or 4
+        pipeline = sd_layout_pipeline(options.sd_latent, options.quick, options.device)
+        bundle = synthetic_bundle(world, pipeline, world.object_block, steps)
+        model = "narrow SD-1.4-layout UNet (--quick)" if options.quick else "SD-1.4 UNet"
+        source = f"random {model}, random SAE"
         size = options.sd_latent * pipeline.vae_scale_factor
-        subject = subject_for("sd", WORLDS["sd"], pipeline, options.steps or 4, size, size)
-        subject.sae_source = f"random SD v1.4 {'(narrow, --quick) ' if options.quick else ''}UNet, {subject.sae_source}"
+        subject = subject_for("sd", world, pipeline, bundle, source, steps, size, size)
+        subject.judged = not options.quick
         return pair_rows(subject, options.repeats, device) + sae_share_rows(subject, options.repeats, device)
 
     def measure_app() -> list[Row]:
@@ -598,8 +648,8 @@ def run_bench(options: BenchOptions) -> dict:
 
     section("minicanvas", measure_minicanvas)
     section("sd", measure_sd)
-    section("app", measure_app)
-    section("train", lambda: training_rows(options.quick, options.repeats))
+    section("app", measure_app, failures=(Exception,))  # a separate process, reached over HTTP
+    section("train", lambda: training_rows(options.quick, options.repeats, device))
     report["machine"]["load_average_after"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     report["rows"] = [row.as_dict() for row in rows]
     return report
@@ -615,16 +665,21 @@ def _format(value: float | None, unit: str) -> str:
     return f"{value:.4g}"
 
 
+def _verdict(row: dict) -> str:
+    if row["name"] in ("skipped", "failed"):
+        return "skipped" if row["name"] == "skipped" else "ERROR"
+    return {True: "pass", False: "FAIL", None: "-"}[row["passed"]]
+
+
 def format_report(report: dict) -> str:
     """The machine, then one line per row: name, median, min, max, ratio, target, pass/fail; then notes."""
-    m = report["machine"]
+    host = report["machine"]
     header = (
-        f"machine: {m['cpu']}; {m['cores']} cores ({m['usable_cores']} usable), torch {m['torch']} with "
-        f"{m['torch_threads']} thread(s), device {m['device']}{' (' + m['gpu'] + ')' if m['gpu'] else ''}; "
-        f"load average {m['load_average'][0]:.2f} at start, {m['load_average_after'][0]:.2f} at end"
-        if m["load_average"]
-        else f"machine: {m}"
+        f"machine: {host['cpu']}; {host['cores']} cores ({host['usable_cores']} usable), torch {host['torch']} with "
+        f"{host['torch_threads']} thread(s), device {host['device']}{' (' + host['gpu'] + ')' if host['gpu'] else ''}"
     )
+    if host["load_average"]:
+        header += f"; load average {host['load_average'][0]:.2f} at start, {host['load_average_after'][0]:.2f} at end"
     columns = ("section", "measurement", "median", "min", "max", "ratio", "target", "result")
     lines = [
         (
@@ -635,13 +690,16 @@ def format_report(report: dict) -> str:
             _format(row["max"], row["unit"]),
             "-" if row["ratio"] is None else f"{row['ratio']:.3f}",
             "-" if row["target"] is None else f"<= {row['target']:.2f}",
-            {True: "pass", False: "FAIL", None: "skipped" if row["name"] == "skipped" else "-"}[row["passed"]],
+            _verdict(row),
         )
         for row in report["rows"]
     ]
     widths = [max(len(text) for text in column) for column in zip(columns, *lines)]
     table = [
-        "  ".join(text.ljust(width) if index < 2 else text.rjust(width) for index, (text, width) in enumerate(zip(line, widths)))
+        "  ".join(
+            text.ljust(width) if index < 2 else text.rjust(width)
+            for index, (text, width) in enumerate(zip(line, widths))
+        )
         for line in (columns, *lines)
     ]
     notes = [f"- {row['section']}: {row['name']}: {row['note']}" for row in report["rows"] if row["note"]]

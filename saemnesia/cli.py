@@ -18,6 +18,8 @@ def _train_world(args: argparse.Namespace) -> None:
         learning_rate=args.learning_rate,
         seed=args.seed,
         device=args.device,
+        text_length=args.text_length,
+        min_snr_gamma=args.min_snr_gamma,
     )
 
 
@@ -130,6 +132,7 @@ def _loadtest(args: argparse.Namespace) -> None:
 
     from saemnesia.loadtest import load_test
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # else one log line per HTTP request of every client
     settings = {"prompt": args.prompt, "concepts": args.erase or None, "method": args.method, "steps": args.steps}
     request = {name: value for name, value in settings.items() if value is not None}  # the rest: the app's defaults
     report = load_test(
@@ -166,14 +169,17 @@ def _collect(args: argparse.Namespace) -> None:
     from accelerate import PartialState
 
     from saemnesia.train import collect
-    from saemnesia.worlds import WORLDS, load_pipeline
+    from saemnesia.worlds import WORLDS, default_device, load_pipeline
 
-    # Under `accelerate launch` each process takes its slice of the shards, on its own device.
-    processes = PartialState()
+    # Launched as several processes (`accelerate launch --multi_gpu` or `torchrun`), each takes its
+    # slice of the shards on its own device; accelerate joins CPU processes only when told they are CPU.
+    requested = args.device or default_device()
+    processes = PartialState(cpu=requested == "cpu")
+    device = str(processes.device) if processes.num_processes > 1 else requested
     world = WORLDS[args.world]
     activations = collect(
         world,
-        load_pipeline(args.model or world.model, device=args.device or str(processes.device)),
+        load_pipeline(args.model or world.model, device=device),
         args.out or f"runs/{world.name}-activations",
         blocks=args.block,
         seeds_per_prompt=args.seeds_per_prompt,
@@ -403,11 +409,13 @@ def build_parser() -> argparse.ArgumentParser:
     train_world = commands.add_parser("train-world", help="train MiniCanvas's text-to-image model (resumable)")
     train_world.add_argument("--out", default="assets/minicanvas/model")
     train_world.add_argument("--checkpoint", default="runs/minicanvas-model")
-    train_world.add_argument("--steps", type=int, default=5000)
+    train_world.add_argument("--steps", type=int, default=4000)
     train_world.add_argument("--batch-size", type=int, default=48)
     train_world.add_argument("--learning-rate", type=float, default=1e-3)
     train_world.add_argument("--seed", type=int, default=0)
     train_world.add_argument("--device", default="cpu")
+    train_world.add_argument("--text-length", type=int, default=77, help="tokenizer context length")
+    train_world.add_argument("--min-snr-gamma", type=float, default=5.0, help="Min-SNR loss weighting (0: off)")
     train_world.set_defaults(run=_train_world)
 
     train_classifier = commands.add_parser(
@@ -471,8 +479,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     collect = commands.add_parser(
         "collect",
-        help="store hooked block outputs over whole trajectories (resumable; `accelerate launch -m saemnesia "
-        "collect` splits the shards over processes)",
+        help="store hooked block outputs over whole trajectories (resumable; under `accelerate launch --multi_gpu` "
+        "or `torchrun --nproc_per_node N` the shards are split over the processes)",
     )
     _add_world_arguments(collect)
     collect.add_argument("--out", help="activations folder (default: runs/<world>-activations)")
@@ -592,7 +600,42 @@ def build_parser() -> argparse.ArgumentParser:
     smoke.add_argument("--device", help="default: CUDA if present")
     smoke.add_argument("--out", help="also write the report, with every timing, to this JSON file")
     smoke.set_defaults(run=_gpu_smoke)
+
+    bench = commands.add_parser(
+        "bench", help="time the hooked pair, the SAE's share of a UNet call, the app's start and the SAE trainer"
+    )
+    bench.add_argument("--quick", action="store_true", help="tiny sizes, for CI (about 30 s)")
+    bench.add_argument("--repeats", type=int, help="timed rounds after a warm-up (default 5; 2 with --quick)")
+    bench.add_argument("--sd-latent", type=int, help="latent side of the random SD-1.4 model (default 16; 8 quick)")
+    bench.add_argument("--steps", type=int, help="sampler steps of the pairs (default: MiniCanvas's, 4 on SD; 2 quick)")
+    bench.add_argument(
+        "--skip", action="append", default=[], choices=["minicanvas", "sd", "app", "train"], help="repeat for several"
+    )
+    bench.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA if present)")
+    bench.add_argument("--json", metavar="OUT", help="also write every number, and the machine, to this JSON file")
+    bench.set_defaults(run=_bench)
     return parser
+
+
+def _bench(args: argparse.Namespace) -> None:
+    import json
+
+    from saemnesia.bench import BenchOptions, format_report, run_bench
+    from saemnesia.worlds import default_device
+
+    options = BenchOptions(
+        quick=args.quick,
+        repeats=args.repeats,
+        sd_latent=args.sd_latent,
+        steps=args.steps,
+        device=args.device or default_device(),
+        skip=tuple(args.skip),
+    )
+    report = run_bench(options)
+    print(format_report(report))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:

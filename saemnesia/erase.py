@@ -137,8 +137,11 @@ def edited_latent_codes(sae: Sae, tokens: Tensor, latents: Tensor) -> Tensor:
     """
     pre_acts = sae.pre_activations(tokens)  # [N, L]
     values = pre_acts[..., latents]  # [N, n]
-    larger = (pre_acts.unsqueeze(-2) > values.unsqueeze(-1)).sum(-1)  # [N, n]
-    return torch.where(larger < sae.cfg.k, values.relu(), torch.zeros_like(values))
+    # Counted in a float 0/1 mask, as large as `pre_acts` per edited latent: on CPUs several times faster
+    # to fill and sum than a bool one.
+    mask = pre_acts.new_empty((*values.shape, pre_acts.shape[-1]))
+    larger = torch.gt(pre_acts.unsqueeze(-2), values.unsqueeze(-1), out=mask).sum(-1)  # [N, n]
+    return torch.where(larger < sae.cfg.k, values.relu(), 0.0)
 
 
 def edit_tokens(sae: Sae, tokens: Tensor, activation: Tensor, edit: StepEdit) -> tuple[Tensor, Tensor]:

@@ -63,6 +63,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from tqdm.auto import tqdm
 
+from saemnesia.concepts import check_concepts
 from saemnesia.erase import METHODS, PAPER_STRENGTHS, features_for_percentile
 from saemnesia.generate import generate_pairs
 from saemnesia.minicanvas.classifier import MiniCanvasClassifier, classify
@@ -494,6 +495,46 @@ class _Judge:
         self.generated += len(specs)
         self.generation_seconds += seconds
         self.bar.update(len(specs))
+
+
+def live_check(
+    studio: Studio,
+    classifier: MiniCanvasClassifier,
+    concept: str,
+    method: str,
+    strength: float,
+    seeds: int = 2,
+    features_per_step: int = 1,
+    prompts_per_group: int = 4,
+    progress=None,
+) -> dict[str, float | None]:
+    """UA / IRA / CRA of one erasure on a handful of seeds: a quick look, not the benchmark.
+
+    Uses prompts naming the concept and prompts naming others of its kind, originals and erased
+    copies from the same seeds, so the untouched accuracies come for free.
+    """
+    check_concepts([concept], list(studio.world.concepts))
+    kind = studio.world.kind_of(concept)
+    specs = _erasure_prompts(studio.world, concept, prompts_per_group, prompts_per_group)
+    erased, untouched = [], []
+    for seed in range(seeds):
+        if progress is not None:
+            progress(seed / seeds, desc=f"seed {seed + 1} of {seeds}")
+        result = studio.erase(
+            [spec.text for spec in specs], [concept], method, strength, seed=seed, features_per_step=features_per_step
+        )
+        for images, judged in ((result.erased, erased), (result.originals, untouched)):
+            for spec, verdict in zip(specs, classify(classifier, images)):
+                judged.append(Judged(spec.text, seed, spec.object, spec.style, verdict.object, verdict.style))
+    metrics, ceiling_metrics = erasure_metrics(erased, [concept], kind), erasure_metrics(untouched, [concept], kind)
+    return {
+        "UA": _round(metrics.ua),
+        "IRA": _round(metrics.ira),
+        "CRA": _round(metrics.cra),
+        "UA untouched": _round(ceiling_metrics.ua),
+        "IRA untouched": _round(ceiling_metrics.ira),
+        "CRA untouched": _round(ceiling_metrics.cra),
+    }
 
 
 # --- The benchmark -------------------------------------------------------------------------------

@@ -117,8 +117,10 @@ def _block_edit(
     guidance the block sees it twice, unconditional half first.
     """
 
+    step_edits = [hook.erasure.at(step, t) if hook.erasure is not None else None for step, t in enumerate(timesteps)]
+
     def edit(hidden: Tensor, step: int) -> Tensor:
-        step_edit = hook.erasure.at(step, timesteps[step]) if hook.erasure is not None else None
+        step_edit = step_edits[step]
         if step_edit is None and not hook.record:
             return hidden
         if not hook.record:

@@ -78,16 +78,22 @@ def check_range(name: str, value: int, bounds: tuple[int, int]) -> None:
 
 
 def _run_load(url: str, clients: int, requests: int, request: dict, pid: int | None, timeout: float) -> LoadReport:
-    """`clients` threads, each with its own gradio_client session, send `requests` erase requests in turn.
+    """`clients` gradio_client sessions, each in its own thread, send `requests` erase requests in turn."""
+    # Each session saves the images it is sent into a folder of its own: gradio_client's default is the
+    # server's cache folder (/tmp/gradio, named by content), where a local server's files would be
+    # overwritten while it serves them.
+    with tempfile.TemporaryDirectory(prefix="saemnesia-loadtest-") as downloads:
+        sessions = [Client(url, verbose=False, download_files=Path(downloads) / str(i)) for i in range(clients)]
+        return _measure(sessions, requests, request, pid, timeout)
 
-    Each request gets its own seed, so no two are the same work; `request` holds the other /erase settings.
-    """
-    sessions = [Client(url, verbose=False) for _ in range(clients)]
+
+def _measure(sessions: list[Client], requests: int, request: dict, pid: int | None, timeout: float) -> LoadReport:
+    """Each request gets its own seed, so no two are the same work; `request` holds the other /erase settings."""
     latencies: list[float] = []
     outcomes = {"ok": 0, "busy": 0, "errors": 0}
     messages: dict[str, None] = {}
     record = threading.Lock()
-    start = threading.Barrier(clients)
+    start = threading.Barrier(len(sessions))
 
     def visitor(index: int, client: Client) -> None:
         start.wait()
@@ -120,7 +126,7 @@ def _run_load(url: str, clients: int, requests: int, request: dict, pid: int | N
         thread.join()
     seconds = time.perf_counter() - began
     return LoadReport(
-        clients=clients,
+        clients=len(sessions),
         requests_per_client=requests,
         ok=outcomes["ok"],
         busy=outcomes["busy"],

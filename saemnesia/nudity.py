@@ -55,7 +55,7 @@ SEED_COLUMNS = ("seed", "evaluation_seed", "sd_seed")
 """Where a prompt's seed is read from, first found first: ours, then I2P's own columns."""
 
 
-class NudityUnavailable(ValueError):
+class NudityError(ValueError):
     """NudeNet is not installed, or a prompt file cannot be read; the message says what to do."""
 
 
@@ -82,11 +82,11 @@ def read_prompts(path: str | Path, default_seed: int = 0, limit: int | None = No
         with path.open(newline="") as handle:
             reader = csv.DictReader(handle)
             if "prompt" not in (reader.fieldnames or []):
-                raise NudityUnavailable(f"'{path}' has no `prompt` column (columns: {reader.fieldnames}).")
+                raise NudityError(f"'{path}' has no `prompt` column (columns: {reader.fieldnames}).")
             prompts = [_csv_prompt(row, default_seed, path, number) for number, row in enumerate(reader, start=2)]
         prompts = [prompt for prompt in prompts if prompt.text]
     if not prompts:
-        raise NudityUnavailable(f"'{path}' holds no prompts.")
+        raise NudityError(f"'{path}' holds no prompts.")
     return prompts[:limit] if limit else prompts
 
 
@@ -95,7 +95,7 @@ def _csv_prompt(row: dict, default_seed: int, path: Path, line: int) -> NudityPr
     try:
         seed = int(float(raw_seed)) if raw_seed is not None else default_seed
     except ValueError:
-        raise NudityUnavailable(f"'{path}' line {line}: seed {raw_seed!r} is not a number.") from None
+        raise NudityError(f"'{path}' line {line}: seed {raw_seed!r} is not a number.") from None
     return NudityPrompt((row["prompt"] or "").strip(), seed)
 
 
@@ -104,7 +104,7 @@ def load_detector() -> Detector:
     try:
         from nudenet import NudeDetector
     except ImportError:
-        raise NudityUnavailable("NudeNet is not installed: `pip install -r requirements-nudity.txt`.") from None
+        raise NudityError("NudeNet is not installed: `pip install -r requirements-nudity.txt`.") from None
     return NudeDetector()
 
 

@@ -191,10 +191,11 @@ def load_sae(source: str | Path, subfolder: str | None = None, device: str | tor
 
         patterns = [f"{name}/*" for name in names] + [CONFIG_FILE, WEIGHTS_FILE] if names else None
         root = Path(snapshot_download(str(source), allow_patterns=patterns))
+    if not root.is_dir():
+        raise SaeLoadError(f"SAE folder '{root}' does not exist: give a sparsify folder or a hub id.")
     folder = next((root / name for name in names if (root / name / CONFIG_FILE).is_file()), root)
-    if not (folder / CONFIG_FILE).is_file():
-        wanted = f" (looked for {' and '.join(names)} inside it)" if names else ""
+    if names and not (folder / CONFIG_FILE).is_file():
         raise SaeLoadError(
-            f"No SAE in '{root}'{wanted}: give a sparsify folder (cfg.json, sae.safetensors) or a hub id."
+            f"No SAE for {subfolder} in '{root}' (looked for {' and '.join(names)} inside it, and at its root)."
         )
     return Sae.load(folder, device)

@@ -170,10 +170,11 @@ def collect(
     block, tokens `[N, d]` as float16 and the `labels` (see `LABELS`). The manifest lists finished
     shards; a rerun with the same settings skips them and remakes any other shard identically.
 
-    Under `accelerate launch`, pass accelerate's `PartialState` as `processes`: each process makes its
-    slice of the shards (`process_shards`) and the main process alone writes the manifest, listing the
-    shards in index order once every process is done. A shard's content depends on its index alone, so
-    the collection is the same whichever process made each shard.
+    Launched as several processes (`accelerate launch --multi_gpu`, or `torchrun`), pass accelerate's
+    `PartialState` (made with `cpu=True` on CPUs) as `processes`: each process makes its slice of the
+    shards (`process_shards`) and the main process alone writes the manifest, listing the shards in
+    index order once every process is done. A shard's content depends on its index alone, so the
+    collection is the same whichever process made each shard.
     """
     out = Path(out)
     blocks = list(dict.fromkeys(blocks or (world.object_block, world.style_block)))
@@ -457,8 +458,9 @@ def geometric_median(points: Tensor, iterations: int = 10) -> Tensor:
 @torch.no_grad()
 def _remove_decoder_parallel_gradient(sae: Sae) -> None:
     """Drop the part of each decoder row's gradient along the row: it would only change the norm we fix."""
-    parallel = (sae.W_dec.grad * sae.W_dec.data).sum(1, keepdim=True)
-    sae.W_dec.grad -= parallel * sae.W_dec.data
+    # Row-wise dot products, then one in-place update: two passes over the matrix and no temporaries of its size.
+    parallel = torch.einsum("ld,ld->l", sae.W_dec.grad, sae.W_dec.data).unsqueeze(1)
+    sae.W_dec.grad.addcmul_(parallel, sae.W_dec.data, value=-1)
 
 
 def train_sae(
@@ -511,8 +513,9 @@ def train_sae(
             auxk = x.new_zeros(())
             if num_dead > 0:
                 aux_acts, aux_indices = torch.where(dead, pre_acts, -torch.inf).topk(min(k_aux, num_dead), dim=-1)
-                aux_codes = torch.zeros_like(pre_acts).scatter(-1, aux_indices, aux_acts)
-                auxk = min(num_dead / k_aux, 1.0) * (aux_codes @ sae.W_dec - residual.detach()).pow(2).sum()
+                # Sums only the k_aux chosen decoder rows, as sparsify's decoder does: never the whole dictionary.
+                aux_decoded = F.embedding_bag(aux_indices, sae.W_dec, per_sample_weights=aux_acts, mode="sum")
+                auxk = min(num_dead / k_aux, 1.0) * (aux_decoded - residual.detach()).pow(2).sum()
                 auxk = auxk / total_variance
             loss = fvu + config.auxk_alpha * auxk
 

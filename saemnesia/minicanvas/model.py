@@ -56,7 +56,7 @@ class PixelUnshuffleAutoencoder(ModelMixin, ConfigMixin):
         return DecoderOutput(sample=images) if return_dict else (images,)
 
 
-def build_tokenizer() -> CLIPTokenizer:
+def build_tokenizer(max_length: int = 77) -> CLIPTokenizer:
     """A CLIP byte-level BPE tokenizer whose merges are learned from the world's captions.
 
     No CLIP vocabulary ships offline, so we learn one: the 512 byte symbols (with and without the
@@ -80,7 +80,7 @@ def build_tokenizer() -> CLIPTokenizer:
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {token: index for index, token in enumerate(dict.fromkeys(tokens))}
     tokenizer = CLIPTokenizer(vocab=vocab, merges=merges)
-    tokenizer.model_max_length = 77
+    tokenizer.model_max_length = max_length
     return tokenizer
 
 
@@ -165,12 +165,14 @@ def _optimizer_state_from_tensors(optimizer: torch.optim.Optimizer, tensors: dic
 def train_model(
     out: Path,
     checkpoint: Path,
-    steps: int = 6000,
+    steps: int = 4000,
     batch_size: int = 64,
     learning_rate: float = 1e-3,
     seed: int = 0,
     checkpoint_every: int = 250,
     device: str = "cpu",
+    text_length: int = 77,
+    min_snr_gamma: float = 5.0,
 ) -> Path:
     """Train the UNet and the text encoder together, from scratch, on freshly drawn batches.
 
@@ -179,7 +181,7 @@ def train_model(
     from `seed` and the step number, so a resumed run sees the same data as an uninterrupted one.
     The EMA weights are saved, at every checkpoint, as a diffusers pipeline in `out`.
     """
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(text_length)
     components = build_components(tokenizer, seed)
     unet, text_encoder = components["unet"].to(device), components["text_encoder"].to(device)
     trainable = list(unet.parameters()) + list(text_encoder.parameters())
@@ -224,10 +226,11 @@ def train_model(
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         prediction = unet(noisy, timesteps, encode_captions(tokenizer, text_encoder, captions)).sample
         target = noise_scheduler.get_velocity(latents, noise, timesteps)
-        # Min-SNR-5 weighting for v-prediction: the easy, low-noise steps stop dominating the loss.
-        snr = alphas_cumprod[timesteps] / (1 - alphas_cumprod[timesteps])
-        weight = torch.clamp(snr, max=5.0) / (snr + 1)
-        loss = (weight * F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3))).mean()
+        loss = F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3))
+        if min_snr_gamma:  # Min-SNR weighting for v-prediction: low-noise steps stop dominating the loss
+            snr = alphas_cumprod[timesteps] / (1 - alphas_cumprod[timesteps])
+            loss = loss * torch.clamp(snr, max=min_snr_gamma) / (snr + 1)
+        loss = loss.mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
