@@ -70,9 +70,9 @@ def load_results(world) -> dict:
     results = {}
     if world.assets is None:
         return results
-    full, quick = world.assets / "results" / "evaluation.json", world.assets / "results" / "evaluation-quick.json"
+    candidates = [world.assets / "results" / f"evaluation{suffix}.json" for suffix in ("", "-standard", "-quick")]
     for name, path in {
-        "benchmark": full if full.is_file() else quick,
+        "benchmark": next((path for path in candidates if path.is_file()), candidates[0]),
         "quality": world.assets / "quality.json",
         "centralisation": world.sae_folder("supervised", "object") / "centralisation.json",
     }.items():
@@ -314,7 +314,10 @@ def metrics_tab(studio: Studio, classifier, results: dict) -> None:
         from saemnesia.evaluate import results_table
 
         gr.Markdown(f"Protocol: **{benchmark['protocol']['name']}**\n\n" + results_table(benchmark))
-        plots = sorted((studio.world.assets / "results").glob("*.png"))
+        from saemnesia.evaluate import result_paths
+
+        paths = result_paths(studio.world.assets / "results", benchmark["protocol"]["name"])
+        plots = [paths[name] for name in ("strength_curves", "sequential") if paths[name].is_file()]
         if plots:
             gr.Gallery([str(p) for p in plots], columns=2, label="Strength and sequential curves")
     else:

@@ -307,7 +307,8 @@ def _evaluate(args: argparse.Namespace) -> None:
 
     studio = _load_studio(args)
     classifier = load_classifier(args.classifier or studio.world.assets / "classifier", device=studio.pipeline.device)
-    results = evaluate(studio, classifier, PROTOCOLS["quick" if args.quick else "full"], cache=Path(args.cache))
+    protocol = PROTOCOLS["quick" if args.quick else args.protocol]
+    results = evaluate(studio, classifier, protocol, cache=Path(args.cache))
     paths = write_results(results, Path(args.out))
     print(results_table(results))
     print("\n".join(f"{name}: {path}" for name, path in paths.items()))
@@ -546,6 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", help="diffusers folder (default: the world's model)")
     evaluate.add_argument("--classifier", help="classifier folder (default: assets/minicanvas/classifier)")
     evaluate.add_argument("--quick", action="store_true", help="3 objects, 2 styles, fewer prompts: a few minutes")
+    evaluate.add_argument("--protocol", choices=["full", "standard", "quick"], default="full")
     evaluate.add_argument("--out", default="assets/minicanvas/results", help="folder for the JSON, table and plots")
     evaluate.add_argument("--cache", default="runs/eval-cache.jsonl", help="verdicts of images made so far")
     evaluate.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA if present)")

@@ -129,7 +129,7 @@ def _block_edit(
         tokens = hidden.permute(0, 2, 3, 1).reshape(rows, h * w, channels)
         erased_rows = [r for r in range(rows) if r % batch >= originals]
         conditional_rows = list(range(rows - batch, rows))
-        encode_rows = sorted(set(erased_rows) | set(conditional_rows)) if hook.record else erased_rows
+        encode_rows = sorted(set(erased_rows) | set(conditional_rows))
         encoded = hook.sae.encode(tokens[encode_rows])
         edited = torch.zeros(len(encode_rows), h * w, dtype=torch.bool, device=hidden.device)
         if step_edit is not None:
@@ -139,9 +139,8 @@ def _block_edit(
             tokens = tokens.clone()
             tokens[erased_rows] = new_tokens
             hidden = tokens.reshape(rows, h, w, channels).permute(0, 3, 1, 2).contiguous()
-        if hook.record:
-            keep = [encode_rows.index(r) for r in conditional_rows]
-            codes.append((encoded.top_acts[keep].cpu(), encoded.top_indices[keep].cpu(), edited[keep].cpu()))
+        keep = [encode_rows.index(r) for r in conditional_rows]
+        codes.append((encoded.top_acts[keep].cpu(), encoded.top_indices[keep].cpu(), edited[keep].cpu()))
         return hidden
 
     return edit
