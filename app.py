@@ -51,6 +51,11 @@ def whole_as_int(value: object) -> object:
     return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
+def default_concept(world) -> str:
+    """The concept the page opens on: the fourth object ("star" in MiniCanvas, matching the first example)."""
+    return world.objects[3 % len(world.objects)]
+
+
 def verdict_rows(classifier, images: dict) -> str:
     """A markdown table of the classifier's verdict on each named image (empty without a classifier)."""
     if classifier is None or not images:
@@ -74,7 +79,8 @@ def load_results(world) -> dict:
     for name, path in {
         "benchmark": next((path for path in candidates if path.is_file()), candidates[0]),
         "quality": world.assets / "quality.json",
-        "centralisation": world.sae_folder("supervised", "object") / "centralisation.json",
+        "centralisation_object": world.sae_folder("supervised", "object") / "centralisation.json",
+        "centralisation_style": world.sae_folder("supervised", "style") / "centralisation.json",
     }.items():
         if path.is_file():
             results[name] = json.loads(path.read_text())
@@ -112,7 +118,7 @@ def erase_tab(studio: Studio, classifier, last_run: gr.State) -> None:
             gr.Examples([[e] for e in world.examples], inputs=[prompt], label="Example prompts")
             concepts = gr.Dropdown(
                 choices=list(world.concepts),
-                value=[world.objects[3] if len(world.objects) > 3 else world.objects[0]],
+                value=[default_concept(world)],
                 multiselect=True,
                 label="Concepts to erase",
                 info="Objects and styles, by name; several at once.",
@@ -197,8 +203,10 @@ def inspect_tab(studio: Studio, last_run: gr.State) -> None:
         "needs no new generation. One colour scale for both runs; the mask shows the tokens the edit changed."
     )
     with gr.Row():
-        concept = gr.Dropdown(list(world.concepts), value=world.objects[0], label="Concept (its SAEmnesia neuron)")
-        neuron = gr.Number(value=None, precision=0, label="…or a neuron number (overrides the concept)")
+        concept = gr.Dropdown(
+            list(world.concepts), value=default_concept(world), label="Concept (its SAEmnesia neuron)"
+        )
+        neuron = gr.Number(value=-1, precision=0, label="…or a neuron number (−1: the concept's own)")
         method = gr.Radio(["saemnesia", "saeuron"], value="saemnesia", label="Whose run and SAE")
     with gr.Row():
         step = gr.Slider(0, 49, value=10, step=1, label="Step")
@@ -218,7 +226,7 @@ def inspect_tab(studio: Studio, last_run: gr.State) -> None:
         trace = result.traces.get(bundle.block) if bundle else None
         if trace is None:
             raise gr.Error(f"The last run recorded no {kind} activations for {method}.")
-        if neuron is not None and neuron != "":
+        if neuron is not None and int(neuron) >= 0:
             latent = int(neuron)
             if not 0 <= latent < bundle.sae.num_latents:
                 raise gr.Error(f"neuron must be in [0, {bundle.sae.num_latents - 1}], got {latent}.")
@@ -257,26 +265,14 @@ def neurons_tab(studio: Studio, results: dict) -> None:
 
     def concept_table() -> pd.DataFrame:
         rows = []
-        for (method, kind), bundle in sorted(studio.bundles.items()):
-            if bundle.dictionary is None:
+        for kind in ("object", "style"):
+            bundle = studio.bundles.get(("saemnesia", kind))
+            if bundle is None or bundle.dictionary is None:
                 continue
             for concept, latent in bundle.dictionary.latents.items():
-                rows.append({"concept": concept, "kind": kind, "neuron": latent, "block": bundle.block, "sae": method})
-        return pd.DataFrame(rows, columns=["concept", "kind", "neuron", "block", "sae"])
-
-    gr.Markdown("### Concept → neuron (the SAEmnesia dictionary)")
-    table = gr.Dataframe(concept_table(), interactive=False)
-    with gr.Row():
-        with gr.Column():
-            gr.Markdown("### Which concepts drive a neuron?")
-            neuron = gr.Number(value=0, precision=0, label="Neuron")
-            kind = gr.Radio(["object", "style"], value="object", label="Block (object or style SAE)")
-            variant = gr.Radio(["saemnesia", "saeuron"], value="saemnesia", label="SAE")
-            drivers = gr.Dataframe(headers=["concept", "mean activation"], interactive=False)
-        with gr.Column():
-            gr.Markdown("### A concept's score over every latent: one spike (supervised) or many peaks")
-            concept = gr.Dropdown(list(world.concepts), value=world.objects[0], label="Concept")
-            profile = gr.LinePlot(x="latent", y="score", color="SAE", height=300)
+                if world.kind_of(concept) == kind:
+                    rows.append({"concept": concept, "kind": kind, "neuron": latent, "block": bundle.block})
+        return pd.DataFrame(rows, columns=["concept", "kind", "neuron", "block"])
 
     def neuron_concepts(neuron, kind, variant):
         bundle = studio.bundles.get((variant, kind))
@@ -284,7 +280,7 @@ def neurons_tab(studio: Studio, results: dict) -> None:
             raise gr.Error(f"No {variant} SAE for {kind}s in this world.")
         try:
             pairs = bundle.stats.concepts_driving(int(neuron or 0))
-        except ValueError as error:
+        except (TypeError, ValueError) as error:
             raise gr.Error(str(error)) from None
         return pd.DataFrame(pairs, columns=["concept", "mean activation"]).round(4)
 
@@ -299,12 +295,54 @@ def neurons_tab(studio: Studio, results: dict) -> None:
                 frames.append(pd.DataFrame({"latent": range(len(scores)), "score": scores, "SAE": label}))
         return pd.concat(frames) if frames else pd.DataFrame({"latent": [], "score": [], "SAE": []})
 
-    gr.Button("Find concepts").click(neuron_concepts, [neuron, kind, variant], drivers, api_name="neuron_concepts")
+    first_neuron = int(concept_table()["neuron"].iloc[0]) if studio.bundles else 0
+    with gr.Row():
+        with gr.Column():
+            gr.Markdown("### Concept → neuron (the SAEmnesia dictionary)")
+            table = gr.Dataframe(concept_table(), interactive=False, max_height=420)
+            gr.Button("Refresh table", size="sm").click(concept_table, None, table, api_name="concept_table")
+        with gr.Column():
+            gr.Markdown("### A concept's score over every latent\nSupervised: one spike. Unsupervised: several peaks.")
+            concept = gr.Dropdown(list(world.concepts), value=world.objects[0], label="Concept")
+            profile = gr.LinePlot(
+                score_profile(world.objects[0]) if studio.bundles else None,
+                x="latent",
+                y="score",
+                color="SAE",
+                height=300,
+            )
+    gr.Markdown("### Which concepts drive a neuron?")
+    with gr.Row():
+        neuron = gr.Number(value=first_neuron, precision=0, label="Neuron")
+        kind = gr.Radio(["object", "style"], value="object", label="Block (object or style SAE)")
+        variant = gr.Radio(["saemnesia", "saeuron"], value="saemnesia", label="SAE")
+        find = gr.Button("Find concepts", variant="primary")
+    drivers = gr.Dataframe(headers=["concept", "mean activation"], interactive=False)
+    find.click(neuron_concepts, [neuron, kind, variant], drivers, api_name="neuron_concepts")
     concept.change(score_profile, concept, profile, api_name="score_profile")
-    gr.Button("Refresh table", size="sm").click(concept_table, None, table, api_name="concept_table")
-    if "centralisation" in results:
-        gr.Markdown("### Feature centralisation (share of a concept's positive score held by its best latent)")
-        gr.JSON(results["centralisation"].get("summary", results["centralisation"]))
+    for kind_name in ("object", "style"):
+        report = results.get(f"centralisation_{kind_name}")
+        if report:
+            gr.Markdown(
+                f"### Feature centralisation at `{report['block']}`\nShare of each concept's positive score held by "
+                "its single best latent, and whether that latent is its dictionary neuron."
+            )
+            rows = [
+                {"concept": row["concept"], "kind": row["kind"]}
+                | {
+                    f"{variant} share": round(row[variant]["best_share"], 3)
+                    for variant in report["variants"]
+                    if row[variant]
+                }
+                | {
+                    f"{variant} best = own": row[variant]["best_is_dictionary"]
+                    for variant in report["variants"]
+                    if row[variant]
+                }
+                for row in report["concepts"]
+                if row["kind"] == kind_name
+            ]
+            gr.Dataframe(pd.DataFrame(rows), interactive=False)
 
 
 def metrics_tab(studio: Studio, classifier, results: dict) -> None:
