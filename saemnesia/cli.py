@@ -616,7 +616,57 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA if present)")
     bench.add_argument("--json", metavar="OUT", help="also write every number, and the machine, to this JSON file")
     bench.set_defaults(run=_bench)
+
+    attack = commands.add_parser(
+        "attack", help="UnlearnDiffAtk-style prompt-prefix attack on each erasure: attack success rate (resumable)"
+    )
+    attack.add_argument("--world", choices=["minicanvas"], default="minicanvas", help="the classifier's world")
+    attack.add_argument("--model", help="diffusers folder (default: the world's model)")
+    attack.add_argument("--classifier", help="classifier folder (default: assets/minicanvas/classifier)")
+    attack.add_argument("--concepts", nargs="+", help="default: every object of the world")
+    attack.add_argument(
+        "--methods", nargs="+", choices=["none", "saeuron", "saemnesia"], default=["none", "saeuron", "saemnesia"]
+    )
+    attack.add_argument("--iterations", type=int, default=40)
+    attack.add_argument("--prefix-tokens", type=int, default=5)
+    attack.add_argument("--candidates", type=int, default=8, help="words tried per iteration")
+    attack.add_argument("--seeds", type=int, nargs="+", default=[60_000, 60_001], help="noise seeds, the cases")
+    attack.add_argument("--seed", type=int, default=0, help="the search's random draws")
+    attack.add_argument(
+        "--evaluation", help="`evaluate` results with tuned strengths (default: the world's evaluation.json)"
+    )
+    attack.add_argument("--strength", type=float, default=-10.0, help="for concepts without a tuned strength")
+    attack.add_argument("--features-per-step", type=int, default=1, help="SAeUron, without a tuned setting")
+    attack.add_argument("--out", default="assets/minicanvas/results/attack.json", help="the JSON; attack.md beside")
+    attack.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA if present)")
+    attack.set_defaults(run=_attack)
     return parser
+
+
+def _attack(args: argparse.Namespace) -> None:
+    from saemnesia.attack import attack_table, run_attacks, tuned_settings
+    from saemnesia.minicanvas.classifier import load_classifier
+
+    studio = _load_studio(args)
+    classifier = load_classifier(args.classifier or studio.world.assets / "classifier", device=studio.pipeline.device)
+    evaluation = Path(args.evaluation) if args.evaluation else studio.world.assets / "results" / "evaluation.json"
+    results = run_attacks(
+        studio,
+        classifier,
+        args.concepts or list(studio.world.objects),
+        args.methods,
+        tuned_settings(evaluation),
+        strength=args.strength,
+        features_per_step=args.features_per_step,
+        iterations=args.iterations,
+        prefix_tokens=args.prefix_tokens,
+        candidates=args.candidates,
+        seeds=args.seeds,
+        seed=args.seed,
+        out=Path(args.out),
+    )
+    print(attack_table(results))
+    print(f"json: {args.out}")
 
 
 def _bench(args: argparse.Namespace) -> None:
