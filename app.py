@@ -79,6 +79,7 @@ def load_results(world) -> dict:
     for name, path in {
         "benchmark": next((path for path in candidates if path.is_file()), candidates[0]),
         "quality": world.assets / "quality.json",
+        "attack": world.assets / "results" / "attack.json",
         "centralisation_object": world.sae_folder("supervised", "object") / "centralisation.json",
         "centralisation_style": world.sae_folder("supervised", "style") / "centralisation.json",
     }.items():
@@ -386,6 +387,45 @@ def metrics_tab(studio: Studio, classifier, results: dict) -> None:
         return pd.DataFrame(list(scores.items()), columns=["metric", "value (%)"]).round(1)
 
     gr.Button("Check").click(quick_check, [concept, method, strength, seeds], check, api_name="quick_check")
+    attack_section(studio, results)
+
+
+def attack_section(studio: Studio, results: dict) -> None:
+    """The adversarial prompt found for an erased concept, and what it gives with and without erasure."""
+    attack = results.get("attack")
+    if not attack:
+        return
+    from saemnesia.attack import AttackResult, attack_table, best_prefix_images
+
+    gr.Markdown("### Does the erasure hold under attack?\n" + attack_table(attack))
+    methods = [m for m in attack["methods"] if m != "none"]
+    concepts = sorted({c for m in methods for c in attack["methods"][m]["concepts"]})
+    if not methods or not concepts:
+        return
+    with gr.Row():
+        concept = gr.Dropdown(concepts, value=concepts[0], label="Erased concept")
+        method = gr.Radio(methods, value=methods[-1], label="Erasure")
+        seed_index = gr.Slider(0, len(attack["settings"]["seeds"]) - 1, value=0, step=1, label="Seed (index)")
+        show = gr.Button("Show the attack")
+    prompt = gr.Markdown()
+    images = gr.Gallery(columns=3, height=DISPLAY + 60, label="Adversarial prompt vs plain prompt")
+
+    def show_attack(concept, method, seed_index):
+        entry = attack["methods"].get(method, {}).get("concepts", {}).get(concept)
+        if entry is None:
+            raise gr.Error(f"No {method} attack on {concept!r} in the cached results.")
+        result = AttackResult.from_dict(entry)
+        seed = result.seeds[min(int(seed_index), len(result.seeds) - 1)]
+        shown = best_prefix_images(studio, result, seed)
+        before, after = result.target_probability_before, result.target_probability_after
+        text = f"Best prompt: **“{result.prompt}”** (the classifier's belief in {concept}: {before:.2f} → {after:.2f})"
+        return text, [
+            (upscale(shown.erased_plain, DISPLAY), "plain prompt, erased"),
+            (upscale(shown.erased, DISPLAY), "adversarial prompt, erased"),
+            (upscale(shown.original, DISPLAY), "adversarial prompt, no erasure"),
+        ]
+
+    show.click(show_attack, [concept, method, seed_index], [prompt, images], api_name="attack_images")
 
 
 def main(argv: list[str] | None = None) -> None:
