@@ -46,6 +46,7 @@ from saemnesia.evaluate import METHOD_NAMES, UNTOUCHED, balanced_prompts, finger
 from saemnesia.generate import SaeHook, generate_pairs
 from saemnesia.minicanvas.classifier import MiniCanvasClassifier, classify
 from saemnesia.studio import SettingsError, Studio
+from saemnesia.worlds import portable_name
 
 ATTACK_METHODS = (UNTOUCHED, "saeuron", "saemnesia")
 """The untouched model (the reference: what the attack does with nothing erased), then both erasures."""
@@ -343,7 +344,7 @@ def run_attacks(
         "guidance": world.guidance,
         "height": world.height,
         "width": world.width,
-        "model": studio.pipeline.name_or_path or world.model,
+        "model": portable_name(studio.pipeline.name_or_path or world.model),
         "iterations": iterations,
         "prefix_tokens": prefix_tokens,
         "candidates": candidates,

@@ -68,7 +68,7 @@ from saemnesia.erase import METHODS, PAPER_STRENGTHS, features_for_percentile
 from saemnesia.generate import generate_pairs
 from saemnesia.minicanvas.classifier import MiniCanvasClassifier, classify
 from saemnesia.studio import Studio
-from saemnesia.worlds import World
+from saemnesia.worlds import World, portable_name
 
 logger = logging.getLogger(__name__)
 
@@ -635,7 +635,7 @@ def evaluate(
             "guidance": world.guidance,
             "height": world.height,
             "width": world.width,
-            "model": studio.pipeline.name_or_path or world.model,
+            "model": portable_name(studio.pipeline.name_or_path or world.model),
             "object_block": world.object_block,
             "style_block": world.style_block,
             "fingerprint": tag,

@@ -216,6 +216,15 @@ def random_sd_pipeline(size: str = "full", seed: int = 0) -> StableDiffusionPipe
     return pipeline
 
 
+def portable_name(source: str) -> str:
+    """A model source as results files record it: relative to the repository when inside it, so no
+    machine's folder layout leaks into shipped JSON."""
+    try:
+        return str(Path(source).resolve().relative_to(ASSETS.parent))
+    except ValueError:
+        return source
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 

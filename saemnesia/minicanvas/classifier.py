@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from saemnesia.generate import initial_noise, model_lock
 from saemnesia.minicanvas import data
-from saemnesia.worlds import World
+from saemnesia.worlds import World, portable_name
 
 logger = logging.getLogger(__name__)
 
@@ -450,7 +450,7 @@ def world_quality(
         "per_object": per_object,
         "per_style": per_style,
         "images": images_count,
-        "model": pipeline.name_or_path,
+        "model": portable_name(pipeline.name_or_path),
         "template": world.templates[0],
         "seeds": list(seeds),
         "steps": steps,
