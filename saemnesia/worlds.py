@@ -112,8 +112,11 @@ class World:
 MINICANVAS = World(
     name="minicanvas",
     model=str(ASSETS / "minicanvas" / "model"),
-    object_block="up_blocks.1.attentions.1",
-    style_block="up_blocks.1.attentions.0",
+    # Chosen by measurement (`python -m saemnesia probe-blocks`): a nearest-class-mean probe on the
+    # blocks' 8 x 8 output maps finds the object in 72% of held-out images at attentions.0 and in 21% at
+    # attentions.1; both give the style in 100%.
+    object_block="up_blocks.1.attentions.0",
+    style_block="up_blocks.1.attentions.1",
     objects=minicanvas_data.OBJECTS,
     styles=minicanvas_data.STYLES,
     templates=minicanvas_data.TEMPLATES,
