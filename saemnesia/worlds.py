@@ -219,9 +219,11 @@ def random_sd_pipeline(size: str = "full", seed: int = 0) -> StableDiffusionPipe
     return pipeline
 
 
-def portable_name(source: str) -> str:
+def portable_name(source: str | None) -> str | None:
     """A model source as results files record it: relative to the repository when inside it, so no
-    machine's folder layout leaks into shipped JSON."""
+    machine's folder layout leaks into shipped JSON (None for a pipeline built in memory)."""
+    if not source:
+        return source
     try:
         return str(Path(source).resolve().relative_to(ASSETS.parent))
     except ValueError:
