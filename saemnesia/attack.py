@@ -140,17 +140,7 @@ def _scores(
     probabilities = [[] for _ in prompts]
     seen = [[] for _ in prompts]
     for seed in seeds:
-        images = generate_pairs(
-            studio.pipeline,
-            list(prompts),
-            hooks,
-            seed=seed,
-            steps=world.steps,
-            guidance=world.guidance,
-            height=world.height,
-            width=world.width,
-            include_originals=False,
-        ).erased
+        images = studio.generate(list(prompts), hooks, seed, include_originals=False).erased
         for row, verdict in enumerate(classify(classifier, images)):
             probabilities[row].append(float((verdict.object_probs if is_object else verdict.style_probs)[index]))
             seen[row].append((verdict.object if is_object else verdict.style) == concept)

@@ -65,7 +65,6 @@ from tqdm.auto import tqdm
 
 from saemnesia.concepts import check_concepts
 from saemnesia.erase import METHODS, PAPER_STRENGTHS, features_for_percentile
-from saemnesia.generate import generate_pairs
 from saemnesia.minicanvas.classifier import MiniCanvasClassifier, classify
 from saemnesia.studio import Studio
 from saemnesia.worlds import World, portable_name
@@ -471,24 +470,14 @@ class _Judge:
         return judged
 
     def _generate(self, setting: Setting | None, concepts: list[str], seed: int, specs: list[PromptSpec]) -> None:
-        studio, world = self.studio, self.studio.world
+        studio = self.studio
         method, strength, features = setting or (UNTOUCHED, 0.0, 0)
         self.bar.set_postfix_str(
             f"{method} {'+'.join(concepts) or '-'} {strength:g} x{features} seed {seed}", refresh=False
         )
         began = time.perf_counter()
         hooks = studio.hooks(concepts, method, strength, features_per_step=features) if setting else []
-        result = generate_pairs(
-            studio.pipeline,
-            [spec.text for spec in specs],
-            hooks,
-            seed=seed,
-            steps=world.steps,
-            guidance=world.guidance,
-            height=world.height,
-            width=world.width,
-            include_originals=False,
-        )
+        result = studio.generate([spec.text for spec in specs], hooks, seed, include_originals=False)
         verdicts = classify(self.classifier, result.erased)
         seconds = time.perf_counter() - began
         self.cache.add(

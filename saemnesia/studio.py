@@ -148,6 +148,23 @@ class Studio:
                 hooks.append(SaeHook(bundle.block, bundle.sae, erasure, record))
         return hooks
 
+    def generate(
+        self, prompts: list[str], hooks: list[SaeHook], seed: int, include_originals: bool = True
+    ) -> PairResult:
+        """`generate_pairs` at the world's sampling settings, for callers that built their own hooks."""
+        world = self.world
+        return generate_pairs(
+            self.pipeline,
+            prompts,
+            hooks,
+            seed=seed,
+            steps=world.steps,
+            guidance=world.guidance,
+            height=world.height,
+            width=world.width,
+            include_originals=include_originals,
+        )
+
     def erase(
         self,
         prompts: list[str],

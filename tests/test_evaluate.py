@@ -9,7 +9,6 @@ from conftest import make_tiny_pipeline, make_tiny_sae
 from PIL import Image
 
 from saemnesia import cli
-from saemnesia import evaluate as evaluation
 from saemnesia.cli import build_parser
 from saemnesia.concepts import ConceptDictionary, ConceptStats
 from saemnesia.evaluate import (
@@ -253,7 +252,7 @@ def test_quick_mode_writes_json_table_and_plots(quick_run, tmp_path):
 def test_rerun_takes_every_image_from_the_cache(quick_run, monkeypatch):
     studio, classifier, folder, first = quick_run
     calls = []
-    monkeypatch.setattr(evaluation, "generate_pairs", lambda *args, **kwargs: calls.append(args))
+    monkeypatch.setattr(Studio, "generate", lambda *args, **kwargs: calls.append(args))
     again = evaluate(studio, classifier, QUICK, cache=folder / "cache.jsonl", progress=False)
     assert calls == []
     assert again["images"] == {
@@ -269,7 +268,7 @@ def test_evaluate_command_writes_results_from_a_warm_cache(quick_run, monkeypatc
     _, _, folder, first = quick_run
     monkeypatch.setattr(cli, "_load_studio", lambda args: tiny_studio())
     monkeypatch.setattr(classifier_module, "load_classifier", lambda folder, device: tiny_classifier())
-    monkeypatch.setattr(evaluation, "generate_pairs", lambda *args, **kwargs: pytest.fail("nothing to generate"))
+    monkeypatch.setattr(Studio, "generate", lambda *args, **kwargs: pytest.fail("nothing to generate"))
     cli.main(
         ["evaluate", "--quick", "--out", str(tmp_path), "--cache", str(folder / "cache.jsonl"), "--classifier", "x"]
     )
