@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import StableDiffusionPipeline
 from safetensors.torch import save_file
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -37,7 +37,7 @@ from saemnesia.hooks import block_width, hooked_block
 from saemnesia.sae import Sae, SaeConfig
 from saemnesia.studio import DICTIONARY_FILE, STATS_FILE, SaeBundle
 from saemnesia.train import LABELS, Activations, SaeTrainConfig, train_sae
-from saemnesia.worlds import MINICANVAS, SD_V14_UNET_CONFIG, WORLDS, World, load_pipeline
+from saemnesia.worlds import MINICANVAS, SD_V14_UNET_CONFIG, WORLDS, World, load_pipeline, random_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAINING_BLOCK = "up_blocks.1.attentions.1"
@@ -219,51 +219,10 @@ def minicanvas_pipeline(device: str) -> StableDiffusionPipeline:
 def sd_layout_pipeline(latent: int, quick: bool, device: str) -> StableDiffusionPipeline:
     """Stable Diffusion v1.4's UNet with random weights (narrow with `quick`), a one-level random VAE
     (images the size of the latents) and a one-layer random text encoder: only the UNet's cost matters."""
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from saemnesia.minicanvas.model import build_tokenizer
-
-    torch.manual_seed(SEED)
     unet_config = {**SD_V14_UNET_CONFIG, "sample_size": latent}
     if quick:
         unet_config.update(block_out_channels=[32, 64, 64, 64], cross_attention_dim=32)
-    unet = UNet2DConditionModel.from_config(unet_config)
-    tokenizer = build_tokenizer()
-    tokenizer.model_max_length = 77  # SD's text length: what the UNet's cross-attention reads
-    text_width = unet_config["cross_attention_dim"]
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            hidden_size=text_width,
-            intermediate_size=4 * text_width,
-            num_attention_heads=8,
-            num_hidden_layers=1,
-            max_position_embeddings=tokenizer.model_max_length,
-            vocab_size=len(tokenizer),
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
-    vae = AutoencoderKL(block_out_channels=[32], latent_channels=4, norm_num_groups=32)
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
-    pipeline = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipeline.set_progress_bar_config(disable=True)
+    pipeline = random_pipeline(unet_config, text_layers=1, vae_widths=(32,), seed=SEED)
     return pipeline.to(device, torch.float16) if device.startswith("cuda") else pipeline.to(device)
 
 

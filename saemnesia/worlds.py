@@ -6,6 +6,7 @@ its weights ship in assets/); Stable Diffusion v1.x loads from a local folder or
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -152,50 +153,47 @@ def stable_diffusion_world(model: str = SD_MODELS["sd14"], assets: Path | None =
 WORLDS = {"minicanvas": MINICANVAS, "sd": stable_diffusion_world()}
 
 
-def random_sd_pipeline(size: str = "full", seed: int = 0) -> StableDiffusionPipeline:
-    """A Stable Diffusion v1.4-architecture pipeline with random weights, for runs without the published ones.
+def random_pipeline(
+    unet_config: dict,
+    text_layers: int = 2,
+    vae_widths: Sequence[int] = (8,),
+    vae_layers: int = 1,
+    seed: int = 0,
+) -> StableDiffusionPipeline:
+    """A Stable-Diffusion-architecture pipeline with random weights, built on CPU in float32.
 
-    "full" has SD-1.4's exact shapes (UNet, ViT-L text encoder, 8x VAE: the block widths and token grids
-    the paper's SAEs fit); "tiny" keeps the layout (4 levels, 2 layers, 3 attentions per up block, so the
-    same hook points exist) at small widths, for CPU tests. No CLIP vocabulary ships offline, so the text
-    side uses MiniCanvas's tokenizer. Built on CPU in float32.
+    The UNet is `unet_config`; the CLIP text encoder is as wide as its cross-attention; the VAE has one
+    level per width in `vae_widths` (its scale factor is 2 ** (levels - 1)). No CLIP vocabulary ships
+    offline, so the text side uses MiniCanvas's tokenizer. One builder for tests, benchmarks and the SD
+    path's offline runs, which differ only in sizes.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    if size not in ("full", "tiny"):
-        raise ValueError(f"size must be 'full' or 'tiny', got {size!r}.")
-    full = size == "full"
     torch.manual_seed(seed)
     tokenizer = minicanvas_model.build_tokenizer()
-    text_width = 768 if full else 32
-    unet_config = dict(SD_V14_UNET_CONFIG, cross_attention_dim=text_width)
-    if not full:
-        unet_config.update(block_out_channels=[32, 32, 64, 64], norm_num_groups=8, sample_size=8)
     unet = UNet2DConditionModel(**unet_config)
-    vae = AutoencoderKL(
-        block_out_channels=[128, 256, 512, 512] if full else [8, 8, 8, 8],
-        down_block_types=["DownEncoderBlock2D"] * 4,
-        up_block_types=["UpDecoderBlock2D"] * 4,
-        latent_channels=4,
-        layers_per_block=2 if full else 1,
-        norm_num_groups=32 if full else 8,
-        sample_size=512 if full else 64,
-        scaling_factor=0.18215,
-    )
+    text_width = unet.config.cross_attention_dim
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             hidden_size=text_width,
-            intermediate_size=3072 if full else 64,
-            num_attention_heads=12 if full else 4,
-            num_hidden_layers=12 if full else 2,
-            max_position_embeddings=77,
-            hidden_act="quick_gelu",
+            intermediate_size=4 * text_width,
+            num_attention_heads=text_width // 64 if text_width % 64 == 0 else 4,
+            num_hidden_layers=text_layers,
+            max_position_embeddings=tokenizer.model_max_length,
             vocab_size=len(tokenizer),
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         )
+    )
+    vae = AutoencoderKL(
+        block_out_channels=list(vae_widths),
+        down_block_types=["DownEncoderBlock2D"] * len(vae_widths),
+        up_block_types=["UpDecoderBlock2D"] * len(vae_widths),
+        latent_channels=unet.config.in_channels,
+        layers_per_block=vae_layers,
+        norm_num_groups=min(32, vae_widths[0]),
     )
     scheduler = DDIMScheduler(
         beta_start=0.00085,
@@ -217,6 +215,23 @@ def random_sd_pipeline(size: str = "full", seed: int = 0) -> StableDiffusionPipe
     )
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
+
+
+def random_sd_pipeline(size: str = "full", seed: int = 0) -> StableDiffusionPipeline:
+    """A Stable Diffusion v1.4-architecture pipeline with random weights, for runs without the published ones.
+
+    "full" has SD-1.4's exact shapes (UNet, ViT-L text encoder, 8x VAE: the block widths and token grids
+    the paper's SAEs fit); "tiny" keeps the layout (4 levels, 2 layers, 3 attentions per up block, so the
+    same hook points exist) at small widths, for CPU tests.
+    """
+    if size == "full":
+        return random_pipeline(
+            SD_V14_UNET_CONFIG, text_layers=12, vae_widths=(128, 256, 512, 512), vae_layers=2, seed=seed
+        )
+    if size == "tiny":
+        tiny = dict(SD_V14_UNET_CONFIG, block_out_channels=[32, 32, 64, 64], norm_num_groups=8, sample_size=8)
+        return random_pipeline(dict(tiny, cross_attention_dim=32), vae_widths=(8, 8, 8, 8), seed=seed)
+    raise ValueError(f"size must be 'full' or 'tiny', got {size!r}.")
 
 
 def portable_name(source: str | None) -> str | None:
