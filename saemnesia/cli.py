@@ -314,6 +314,17 @@ def _evaluate(args: argparse.Namespace) -> None:
     print("\n".join(f"{name}: {path}" for name, path in paths.items()))
 
 
+def _ablate_blocks(args: argparse.Namespace) -> None:
+    import json
+
+    from saemnesia.evaluate import ablate_blocks
+    from saemnesia.minicanvas.classifier import load_classifier
+
+    studio = _load_studio(args)
+    classifier = load_classifier(args.classifier or studio.world.assets / "classifier", device=studio.pipeline.device)
+    print(json.dumps(ablate_blocks(studio, classifier, args.block, args.styles_per_object, args.seed), indent=2))
+
+
 def _nudity_concept(args: argparse.Namespace) -> None:
     import json
 
@@ -539,6 +550,18 @@ def build_parser() -> argparse.ArgumentParser:
     centralisation.add_argument("--supervised", help="supervised SAE folder (default: the world's)")
     centralisation.add_argument("--out", help="JSON report (default: centralisation.json in the supervised folder)")
     centralisation.set_defaults(run=_centralisation)
+
+    ablate = commands.add_parser(
+        "ablate-blocks", help="which blocks the images need for their objects / styles (classifier-scored)"
+    )
+    ablate.add_argument("--world", choices=["minicanvas"], default="minicanvas", help="the classifier's world")
+    ablate.add_argument("--model", help="diffusers folder (default: the world's model)")
+    ablate.add_argument("--classifier", help="classifier folder (default: the world's)")
+    ablate.add_argument("--block", action="append", help="default: every cross-attention block")
+    ablate.add_argument("--styles-per-object", type=int, default=4)
+    ablate.add_argument("--seed", type=int, default=0)
+    ablate.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA if present)")
+    ablate.set_defaults(run=_ablate_blocks)
 
     evaluate = commands.add_parser(
         "evaluate", help="UA / IRA / CRA of both methods with tuned strengths, and sequential erasure (resumable)"

@@ -54,17 +54,22 @@ import os
 import statistics
 import time
 from collections.abc import Collection, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import NamedTuple
 
+import torch
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from saemnesia.concepts import check_concepts
 from saemnesia.erase import METHODS, PAPER_STRENGTHS, features_for_percentile
+from saemnesia.generate import initial_noise, model_lock
+from saemnesia.hooks import hook_points, hooked_block
 from saemnesia.minicanvas.classifier import MiniCanvasClassifier, classify
 from saemnesia.studio import Studio
 from saemnesia.worlds import World, portable_name
@@ -539,6 +544,59 @@ def live_check(
         "IRA untouched": _round(ceiling_metrics.ira),
         "CRA untouched": _round(ceiling_metrics.cra),
     }
+
+
+@torch.no_grad()
+def ablate_blocks(
+    studio: Studio,
+    classifier: MiniCanvasClassifier,
+    blocks: Sequence[str] | None = None,
+    styles_per_object: int = 4,
+    seed: int = 0,
+) -> dict[str, dict[str, float]]:
+    """Which blocks the image needs for its object and its style: the causal half of choosing hook points.
+
+    For each block, every step's conditional output is replaced by the unconditional one, so the block
+    passes on nothing of the prompt, and the classifier says whether the prompt's object and style
+    survive (% of images; "none" is the untouched model). An erasure at a block can only remove what
+    ablating the whole block removes, and should leave the other kind standing; `probe-blocks` says
+    where a concept can be read, this says where it is needed. Every object with its first styles,
+    first template, one seed.
+    """
+    world, pipeline = studio.world, studio.pipeline
+    if world.guidance <= 1:
+        raise ValueError("Ablation swaps the conditional half for the unconditional one: it needs guidance > 1.")
+    blocks = list(blocks or hook_points(pipeline.unet))
+    specs = [
+        PromptSpec(world.prompt(obj, style, world.templates[0]), obj, style)
+        for obj in world.objects
+        for style in world.styles[:styles_per_object]
+    ]
+    noise = initial_noise(pipeline, seed, world.height, world.width).repeat(len(specs), 1, 1, 1)
+
+    def unconditional(hidden: Tensor, step: int) -> Tensor:
+        half = hidden.shape[0] // 2
+        return torch.cat([hidden[:half], hidden[:half]])
+
+    report = {}
+    for block in [None, *blocks]:
+        with model_lock(pipeline), ExitStack() as stack:
+            if block is not None:
+                stack.enter_context(hooked_block(pipeline.unet, block, unconditional))
+            images = pipeline(
+                prompt=[spec.text for spec in specs],
+                latents=noise.to(pipeline.device, pipeline.unet.dtype),
+                num_inference_steps=world.steps,
+                guidance_scale=world.guidance,
+                height=world.height,
+                width=world.width,
+            ).images
+        judged = [
+            Judged(spec.text, seed, spec.object, spec.style, verdict.object, verdict.style)
+            for spec, verdict in zip(specs, classify(classifier, images))
+        ]
+        report[block or UNTOUCHED] = {kind: _round(accuracy(judged, kind)) for kind in KINDS}
+    return report
 
 
 # --- The benchmark -------------------------------------------------------------------------------

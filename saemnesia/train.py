@@ -666,11 +666,11 @@ class SupervisedLoss(NamedTuple):
     reconstruction: Tensor
     """MSE of the reconstruction."""
     supervision: Tensor
-    """BCE (or cross-entropy) of the image-averaged pre-activations at the assigned latents."""
+    """BCE (or cross-entropy) of the image-averaged ReLU'd pre-activations at the assigned latents."""
     decorrelation: Tensor
     """Mean squared Pearson correlation, across the batch, between object and style latents."""
     sparsity: Tensor
-    """Mean absolute pre-activation."""
+    """Mean ReLU'd pre-activation (its L1 norm per latent)."""
     object_hits: Tensor
     """How many samples have their object's latent highest among the object latents."""
     style_hits: Tensor
@@ -695,11 +695,16 @@ def supervised_loss(
     """SAEmnesia's loss on a batch of samples `tokens [B, tokens, d]` with their object and style indices.
 
     `L = MSE + concept_weight * (supervision + decorrelation_weight * decorrelation) + sparsity_weight * mean|pre|`
+
+    `pre` is sparsify's `pre_acts`, the encoder output after ReLU, as in the authors' code. Without the ReLU
+    the supervision is met by pushing the other latents far below zero while the concept's own latent
+    barely fires (measured on MiniCanvas: 99.6% held-out accuracy, yet the latent in the top-k on 15% of
+    the object's tokens and its erasure weak); with it, the concept's latent must fire on its images.
     """
     samples, positions, _ = tokens.shape
     x = tokens.flatten(0, 1)
-    pre_acts = sae.pre_activations(x)
-    top_acts, top_indices = torch.relu(pre_acts).topk(sae.cfg.k, dim=-1, sorted=False)
+    pre_acts = torch.relu(sae.pre_activations(x))  # sparsify's `pre_acts`: the encoder's output after ReLU
+    top_acts, top_indices = pre_acts.topk(sae.cfg.k, dim=-1, sorted=False)
     reconstruction = F.mse_loss(sae.decode(top_acts, top_indices), x)
 
     logits = pre_acts.view(samples, positions, -1).mean(1)
@@ -714,7 +719,7 @@ def supervised_loss(
     else:
         raise ValueError(f"supervision must be one of {SUPERVISIONS}, got {config.supervision!r}.")
     decorrelation = _pearson(object_logits, style_logits).pow(2).mean()
-    sparsity = pre_acts.abs().mean()
+    sparsity = pre_acts.mean()
     total = (
         reconstruction
         + config.concept_weight * (supervision + config.decorrelation_weight * decorrelation)

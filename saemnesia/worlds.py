@@ -116,7 +116,7 @@ MINICANVAS = World(
     # Chosen by measurement (`python -m saemnesia probe-blocks`): a nearest-class-mean probe on the
     # blocks' 8 x 8 output maps finds the object in 72% of held-out images at attentions.0 and in 21% at
     # attentions.1; both give the style in 100%.
-    object_block="up_blocks.1.attentions.0",
+    object_block="up_blocks.0.attentions.1",
     style_block="up_blocks.1.attentions.1",
     objects=minicanvas_data.OBJECTS,
     styles=minicanvas_data.STYLES,

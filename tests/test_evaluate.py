@@ -3,12 +3,14 @@
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
 from conftest import make_tiny_pipeline, make_tiny_sae
 from PIL import Image
 
 from saemnesia import cli
+from saemnesia import evaluate as evaluate_module
 from saemnesia.cli import build_parser
 from saemnesia.concepts import ConceptDictionary, ConceptStats
 from saemnesia.evaluate import (
@@ -19,6 +21,7 @@ from saemnesia.evaluate import (
     Metrics,
     Setting,
     VerdictCache,
+    ablate_blocks,
     accuracy,
     balanced_prompts,
     ceiling,
@@ -41,6 +44,8 @@ TINY_WORLD = dataclasses.replace(
     MINICANVAS,
     name="tiny",
     model="tiny-in-memory",
+    object_block="up_blocks.1.attentions.0",
+    style_block="up_blocks.1.attentions.1",
     objects=("circle", "square", "star"),
     styles=("sunset", "ocean"),
     steps=2,
@@ -286,3 +291,30 @@ def test_evaluate_command_defaults():
         "assets/minicanvas/results",
         "runs/eval-cache.jsonl",
     )
+
+
+def test_ablate_blocks_removes_the_prompt_at_one_block_and_leaves_the_model_clean(monkeypatch):
+    studio, classifier = tiny_studio(), tiny_classifier()
+    seen, classify = [], evaluate_module.classify
+
+    def recording_classify(model, images):
+        seen.append(np.stack([np.asarray(image) for image in images]))
+        return classify(model, images)
+
+    monkeypatch.setattr(evaluate_module, "classify", recording_classify)
+    blocks = ["up_blocks.1.attentions.0", "up_blocks.1.attentions.1"]
+    report = ablate_blocks(studio, classifier, blocks, styles_per_object=2, seed=3)
+    monkeypatch.undo()
+
+    assert list(report) == ["none", *blocks]
+    assert all(0 <= value <= 100 for row in report.values() for value in row.values())
+    prompts = [
+        TINY_WORLD.prompt(obj, style, TINY_WORLD.templates[0])
+        for obj in TINY_WORLD.objects
+        for style in TINY_WORLD.styles
+    ]
+    plain = studio.generate(prompts, [], seed=3, include_originals=False).erased
+    np.testing.assert_array_equal(seen[0], np.stack([np.asarray(image) for image in plain]))
+    assert all(not np.array_equal(seen[0], ablated) for ablated in seen[1:])
+    with pytest.raises(ValueError, match="guidance > 1"):
+        ablate_blocks(Studio(dataclasses.replace(TINY_WORLD, guidance=1.0), studio.pipeline), classifier, blocks)
