@@ -26,7 +26,8 @@ from saemnesia.worlds import WORLDS  # noqa: E402
 
 DISPLAY = 256
 METHOD_CHOICES = {"SAEmnesia": ["saemnesia"], "SAeUron (baseline)": ["saeuron"], "Both": ["saemnesia", "saeuron"]}
-STRENGTH_PRESETS = {"gentle (-5)": -5, "standard (-10)": -10, "strong (-25)": -25, "very strong (-60)": -60}
+DEFAULT_STRENGTH = -10.0
+"""Where the benchmark tuned nothing for the chosen concepts (e.g. a world without cached results)."""
 
 ABOUT = """
 **SAEmnesia** ([Cassano et al., ICML 2026, arXiv 2509.21379](https://arxiv.org/abs/2509.21379)) erases a
@@ -99,7 +100,7 @@ def build_app(studio: Studio, classifier=None) -> gr.Blocks:
         last_run = gr.State(None)
         with gr.Tabs():
             with gr.Tab("Erase"):
-                erase_tab(studio, classifier, last_run)
+                erase_tab(studio, classifier, last_run, results.get("benchmark"))
             with gr.Tab("Inspect"):
                 inspect_tab(studio, last_run)
             with gr.Tab("Neurons"):
@@ -111,8 +112,22 @@ def build_app(studio: Studio, classifier=None) -> gr.Blocks:
     return app
 
 
-def erase_tab(studio: Studio, classifier, last_run: gr.State) -> None:
+def tuned_settings(benchmark: dict | None, concepts: list[str]) -> tuple[float, float, int]:
+    """SAEmnesia's strength, SAeUron's strength and SAeUron's latents per step, as the benchmark tuned them
+    for erasing `concepts`: the two methods work at different scales, so a fair side by side needs both."""
+    from saemnesia.evaluate import tuned_setting
+
+    ours, theirs = (tuned_setting(benchmark or {}, method, concepts or []) for method in ("saemnesia", "saeuron"))
+    return (
+        ours.strength if ours else DEFAULT_STRENGTH,
+        theirs.strength if theirs else DEFAULT_STRENGTH,
+        theirs.features_per_step if theirs else 1,
+    )
+
+
+def erase_tab(studio: Studio, classifier, last_run: gr.State, benchmark: dict | None) -> None:
     world = studio.world
+    ours, theirs, theirs_features = tuned_settings(benchmark, [default_concept(world)])
     with gr.Row():
         with gr.Column(scale=2):
             prompt = gr.Textbox(label="Prompt", value=world.examples[0], max_lines=2)
@@ -126,23 +141,48 @@ def erase_tab(studio: Studio, classifier, last_run: gr.State) -> None:
             )
             method = gr.Radio(list(METHOD_CHOICES), value="Both", label="Method")
             with gr.Row():
-                strength = gr.Slider(-60, 0, value=-10, step=1, label="Strength γ (negative erases)")
-                preset = gr.Radio(list(STRENGTH_PRESETS), label="Presets", value=None)
+                strength = gr.Slider(-60, 0, value=ours, step=0.01, label="SAEmnesia strength γ (negative erases)")
+                saeuron_strength = gr.Slider(-60, 0, value=theirs, step=0.01, label="SAeUron strength γ")
+            gr.Markdown(
+                "Each strength starts at the value the benchmark tuned for the chosen concepts (`python -m "
+                "saemnesia evaluate`), so *Both* compares each method at its best. γ multiplies the latent's "
+                "mean activation, which differs by method."
+            )
             with gr.Accordion("Sampling", open=False):
                 seed = gr.Number(value=0, precision=0, minimum=0, label="Seed")
                 steps = gr.Slider(1, 50, value=world.steps, step=1, label="Steps")
                 guidance = gr.Slider(0, 15, value=world.guidance, step=0.5, label="Guidance")
                 start_step = gr.Slider(0, 49, value=0, step=1, label="Start step (edit from this step on)")
-                features = gr.Slider(1, 3, value=1, step=1, label="SAeUron: latents per step (its percentile)")
+                features = gr.Slider(
+                    1, 3, value=theirs_features, step=1, label="SAeUron: latents per step (its percentile)"
+                )
             run = gr.Button("Erase", variant="primary")
         with gr.Column(scale=3):
             slider = gr.ImageSlider(label="Before / after (drag; the first method chosen)", max_height=DISPLAY)
             panes = gr.Gallery(label="Original and erased, same seed", columns=3, height=DISPLAY + 60)
             neighbours = gr.Gallery(label="Neighbours: the same erasure on other concepts (should survive)", columns=3)
             status = gr.Markdown()
-    preset.change(lambda name: STRENGTH_PRESETS.get(name, -10), preset, strength, api_name=False)
+    concepts.change(
+        lambda chosen: tuned_settings(benchmark, chosen),
+        concepts,
+        [strength, saeuron_strength, features],
+        api_name=False,
+    )
 
-    def erase(prompt, concepts, method, strength, seed, steps, guidance, start_step, features, progress=gr.Progress()):
+    def erase(
+        prompt,
+        concepts,
+        method,
+        strength,
+        seed,
+        steps,
+        guidance,
+        start_step,
+        features,
+        saeuron_strength=DEFAULT_STRENGTH,
+        progress=gr.Progress(),
+    ):
+        """`strength` is SAEmnesia's and `saeuron_strength` SAeUron's (last, so older scripts keep working)."""
         methods = METHOD_CHOICES.get(method) if isinstance(method, str) else None
         if methods is None:
             raise gr.Error(f"method must be one of {', '.join(METHOD_CHOICES)}, got {method!r}.", print_exception=False)
@@ -157,7 +197,7 @@ def erase_tab(studio: Studio, classifier, last_run: gr.State) -> None:
                     prompts,
                     concepts,
                     method=name,
-                    strength=strength,
+                    strength=saeuron_strength if name == "saeuron" else strength,
                     seed=whole_as_int(seed),
                     steps=whole_as_int(steps),
                     guidance=guidance,
@@ -190,7 +230,7 @@ def erase_tab(studio: Studio, classifier, last_run: gr.State) -> None:
 
     run.click(
         erase,
-        [prompt, concepts, method, strength, seed, steps, guidance, start_step, features],
+        [prompt, concepts, method, strength, seed, steps, guidance, start_step, features, saeuron_strength],
         [slider, panes, neighbours, status, last_run],
         api_name="erase",
         preprocess=False,  # raw values reach the Studio, whose checks name the field (gradio's do not)
@@ -371,9 +411,16 @@ def metrics_tab(studio: Studio, classifier, results: dict) -> None:
     with gr.Row():
         concept = gr.Dropdown(list(studio.world.concepts), value=studio.world.objects[0], label="Concept")
         method = gr.Radio(["saemnesia", "saeuron"], value="saemnesia", label="Method")
-        strength = gr.Slider(-60, 0, value=-10, step=1, label="Strength")
+        strength = gr.Slider(
+            -60, 0, value=tuned_settings(benchmark, [concept.value])[0], step=0.01, label="Strength (tuned by default)"
+        )
         seeds = gr.Slider(1, 8, value=2, step=1, label="Seeds")
     check = gr.Dataframe(headers=["metric", "value (%)"], interactive=False)
+
+    def tuned_strength(concept, method):
+        return tuned_settings(benchmark, [concept])[0 if method == "saemnesia" else 1]
+
+    gr.on([concept.change, method.change], tuned_strength, [concept, method], strength, api_name=False)
 
     def quick_check(concept, method, strength, seeds, progress=gr.Progress()):
         if classifier is None:

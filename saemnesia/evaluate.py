@@ -2,7 +2,7 @@
 
 For every erased concept each method gets its strength searched on TUNING seeds, choosing the setting
 with the best (UA + IRA) / 2, and is then measured on separate HELD-OUT seeds. SAEmnesia searches
-the 7 paper strengths on its concept's own latent; SAeUron searches 3 feature counts (its percentiles
+the 7 `SEARCH_STRENGTHS` on its concept's own latent; SAeUron searches 3 feature counts (its percentiles
 99.999 / 99.995 / 99.99 at the paper's 20,480 latents: 1 / 2 / 3 latents a step) x the same 7
 strengths. Sequential erasure then erases the world's first objects together, one more each step.
 The classifier judges every image; the untouched model, run once, gives the ceiling.
@@ -67,7 +67,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from saemnesia.concepts import check_concepts
-from saemnesia.erase import METHODS, PAPER_STRENGTHS, features_for_percentile
+from saemnesia.erase import METHODS, features_for_percentile
 from saemnesia.generate import initial_noise, model_lock
 from saemnesia.hooks import hook_points, hooked_block
 from saemnesia.minicanvas.classifier import MiniCanvasClassifier, classify
@@ -80,6 +80,15 @@ SAEURON_PERCENTILES = (99.999, 99.995, 99.99)
 PAPER_LATENTS = 20_480
 SAEURON_FEATURES = tuple(features_for_percentile(p, PAPER_LATENTS) for p in SAEURON_PERCENTILES)
 PAPER_GRID_TRIALS = 30 * 7
+SEARCH_STRENGTHS = (-0.03, -0.1, -0.3, -1.0, -3.0, -10.0, -30.0)
+"""The 7 strengths both methods search, log-spaced from gentle to the paper's strongest.
+
+The paper's grid (`erase.PAPER_STRENGTHS`, -1 to -30) fits unsupervised latents, whose mean activation
+mu is small because they fire on few tokens. The multiplier is gamma * mu, and a supervised latent fires
+on most of its concept's tokens: on MiniCanvas its mu is ~10x larger, so the paper's mildest -1 already
+wipes out neighbouring objects. Both methods search these same 7 values, which keep the paper's two ends
+(-1 and -30) and its number of trials.
+"""
 KINDS = ("object", "style")
 METHOD_NAMES = {"saemnesia": "SAEmnesia", "saeuron": "SAeUron"}
 # UnlearnCanvas Table 1 of the SAEmnesia paper.
@@ -178,6 +187,27 @@ class Setting(NamedTuple):
     features_per_step: int = 1
 
 
+def joint_setting(method: str, settings: Sequence[Setting]) -> Setting:
+    """One setting for several concepts erased together: the lower median (a value of the grid) of theirs."""
+    return Setting(
+        method,
+        statistics.median_low(setting.strength for setting in settings),
+        statistics.median_low(setting.features_per_step for setting in settings),
+    )
+
+
+def tuned_setting(results: Mapping, method: str, concepts: Sequence[str]) -> Setting | None:
+    """The benchmark results' setting for erasing `concepts` together with `method`, as sequential erasure
+    picks it; None if the results tuned none of them."""
+    tuned = results.get("methods", {}).get(method, {}).get("concepts", {})
+    settings = [
+        Setting(method, tuned[c]["chosen"]["strength"], tuned[c]["chosen"]["features_per_step"])
+        for c in concepts
+        if c in tuned
+    ]
+    return joint_setting(method, settings) if settings else None
+
+
 def search_grid(method: str, strengths: Sequence[float], saeuron_features: Sequence[int]) -> list[Setting]:
     """The settings a method tries per concept: fewest latents per step first, each over the strengths mildest first."""
     features = saeuron_features if method == "saeuron" else (1,)
@@ -225,7 +255,7 @@ class Protocol:
     """Up to this many objects erased together (capped at the tuned objects and all objects but one)."""
     sequential_prompts: int
     sequential_seeds: tuple[int, ...]
-    strengths: tuple[float, ...] = PAPER_STRENGTHS
+    strengths: tuple[float, ...] = SEARCH_STRENGTHS
     saeuron_features: tuple[int, ...] = SAEURON_FEATURES
     batch_size: int = 50
     """Prompts per generation call."""
@@ -766,11 +796,7 @@ def _sequential(
     reference = _untouched_of(untouched, protocol.sequential_seeds, plan.sequential_prompts)
     steps = []
     for erased in plan.sequential:
-        setting = Setting(
-            method,
-            statistics.median_low(chosen[c].strength for c in erased),
-            statistics.median_low(chosen[c].features_per_step for c in erased),
-        )
+        setting = joint_setting(method, [chosen[c] for c in erased])
         judged = judge.images(setting, erased, protocol.sequential_seeds, plan.sequential_prompts)
         steps.append(
             {

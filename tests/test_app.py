@@ -47,6 +47,32 @@ def test_erase_returns_pair_panes_and_neighbours(client):
     assert "images in" in status
 
 
+def test_both_methods_erase_at_their_own_strengths(client, tiny_studio, monkeypatch):
+    strengths, erase = {}, tiny_studio.erase
+
+    def recording_erase(prompts, concepts, method="saemnesia", strength=-10.0, **settings):
+        strengths[method] = strength
+        return erase(prompts, concepts, method, strength, **settings)
+
+    monkeypatch.setattr(tiny_studio, "erase", recording_erase)
+    client.predict("a star in neon style", ["star"], "Both", -0.3, 0, 2, 5.0, 0, 1, -25.0, api_name="/erase")
+    assert strengths == {"saemnesia": -0.3, "saeuron": -25.0}
+
+
+def test_tuned_settings_come_from_the_benchmark_per_method():
+    benchmark = {
+        "methods": {
+            "saemnesia": {"concepts": {"star": {"chosen": {"strength": -0.3, "features_per_step": 1}}}},
+            "saeuron": {"concepts": {"star": {"chosen": {"strength": -25.0, "features_per_step": 2}}}},
+        }
+    }
+    assert studio_app.tuned_settings(benchmark, ["star"]) == (-0.3, -25.0, 2)
+    default = studio_app.DEFAULT_STRENGTH
+    assert (
+        studio_app.tuned_settings(None, ["star"]) == studio_app.tuned_settings(benchmark, []) == (default, default, 1)
+    )
+
+
 def test_erase_refuses_unknown_concept_with_its_name(client):
     with pytest.raises(Exception, match="unicorn"):
         client.predict("a star", ["unicorn"], "SAEmnesia", -10, 0, 2, 5.0, 0, 1, api_name="/erase")

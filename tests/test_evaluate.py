@@ -32,6 +32,7 @@ from saemnesia.evaluate import (
     result_paths,
     results_table,
     search_grid,
+    tuned_setting,
     write_results,
 )
 from saemnesia.generate import sampler_timesteps
@@ -318,3 +319,18 @@ def test_ablate_blocks_removes_the_prompt_at_one_block_and_leaves_the_model_clea
     assert all(not np.array_equal(seen[0], ablated) for ablated in seen[1:])
     with pytest.raises(ValueError, match="guidance > 1"):
         ablate_blocks(Studio(dataclasses.replace(TINY_WORLD, guidance=1.0), studio.pipeline), classifier, blocks)
+
+
+def test_tuned_setting_joins_the_concepts_settings_as_sequential_erasure_does():
+    def chosen(strength, features=1):
+        return {"chosen": {"strength": strength, "features_per_step": features}}
+
+    results = {
+        "methods": {
+            "saemnesia": {"concepts": {"circle": chosen(-0.1), "star": chosen(-10.0), "neon": chosen(-3.0)}},
+            "saeuron": {"concepts": {"circle": chosen(-30.0, 3), "star": chosen(-1.0, 1)}},
+        }
+    }
+    assert tuned_setting(results, "saemnesia", ["circle", "star", "neon"]) == Setting("saemnesia", -3.0, 1)
+    assert tuned_setting(results, "saeuron", ["circle", "star", "unseen"]) == Setting("saeuron", -30.0, 1)
+    assert tuned_setting(results, "saeuron", ["neon"]) is None and tuned_setting({}, "saemnesia", ["star"]) is None
