@@ -42,7 +42,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from saemnesia.evaluate import METHOD_NAMES, UNTOUCHED, balanced_prompts, fingerprint
+from saemnesia.evaluate import METHOD_NAMES, UNTOUCHED, balanced_prompts, fingerprint, tuned_setting
 from saemnesia.generate import SaeHook, generate_pairs
 from saemnesia.minicanvas.classifier import MiniCanvasClassifier, classify
 from saemnesia.studio import SettingsError, Studio
@@ -264,20 +264,6 @@ def best_prefix_images(studio: Studio, result: AttackResult, seed: int) -> Attac
     return AttackImages(pair.originals[0], pair.erased[0], pair.erased[1])
 
 
-def tuned_settings(evaluation: Path) -> dict[str, dict[str, tuple[float, int]]]:
-    """Per method and concept, the strength and features per step the benchmark chose; empty without its JSON."""
-    if not evaluation.is_file():
-        return {}
-    methods = json.loads(evaluation.read_text()).get("methods", {})
-    return {
-        method: {
-            concept: (float(entry["chosen"]["strength"]), int(entry["chosen"]["features_per_step"]))
-            for concept, entry in report["concepts"].items()
-        }
-        for method, report in methods.items()
-    }
-
-
 def _summary(entries: Mapping[str, dict]) -> dict:
     results = [AttackResult.from_dict(entry) for entry in entries.values()]
 
@@ -303,7 +289,7 @@ def run_attacks(
     classifier: MiniCanvasClassifier,
     concepts: Sequence[str],
     methods: Sequence[str] = ATTACK_METHODS,
-    tuned: Mapping[str, Mapping[str, tuple[float, int]]] | None = None,
+    evaluation: Mapping | None = None,
     strength: float = -10.0,
     features_per_step: int = 1,
     iterations: int = 40,
@@ -316,8 +302,8 @@ def run_attacks(
 ) -> dict:
     """Attack every concept under every method and return the results JSON (see the module doc).
 
-    Each erasure uses the concept's tuned setting from `tuned` (`tuned_settings`) where present, else
-    `strength` and `features_per_step`. With `out`, the JSON is rewritten after every attack, and a
+    Each erasure uses the concept's tuned setting from the `evaluate` results `evaluation` where present,
+    else `strength` and `features_per_step`. With `out`, the JSON is rewritten after every attack, and a
     rerun with the same settings and model keeps the attacks it finds there.
     """
     began = time.time()
@@ -327,7 +313,7 @@ def run_attacks(
     unknown = [method for method in methods if method not in ATTACK_METHODS]
     if unknown or not methods:
         raise SettingsError(f"methods must be some of {', '.join(ATTACK_METHODS)}, got {list(methods)!r}.")
-    world, tuned = studio.world, tuned or {}
+    world = studio.world
     vocabulary = prefix_vocabulary(studio.pipeline.tokenizer)
     settings = {
         "steps": world.steps,
@@ -351,7 +337,8 @@ def run_attacks(
     bar = tqdm(total=len(methods) * len(concepts), desc="attack", unit="attack", disable=not progress)
     for method in methods:
         for concept in concepts:
-            chosen = tuned.get(method, {}).get(concept)
+            chosen = tuned_setting(evaluation or {}, method, [concept])
+            chosen = chosen and (chosen.strength, chosen.features_per_step)
             setting = (None, None) if method == UNTOUCHED else chosen or (float(strength), features_per_step)
             source = None if method == UNTOUCHED else ("evaluation" if chosen else "flag")
             entry = kept.get(method, {}).get("concepts", {}).get(concept)

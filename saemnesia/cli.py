@@ -101,6 +101,14 @@ def _add_world_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA if present)")
 
 
+def _add_classifier_world_arguments(parser: argparse.ArgumentParser) -> None:
+    """For commands scored by a world's classifier (only MiniCanvas has one)."""
+    parser.add_argument("--world", choices=["minicanvas"], default="minicanvas", help="the classifier's world")
+    parser.add_argument("--model", help="diffusers folder (default: the world's model)")
+    parser.add_argument("--classifier", help="classifier folder (default: the world's)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA if present)")
+
+
 def _generate(args: argparse.Namespace) -> None:
     import json
 
@@ -554,26 +562,20 @@ def build_parser() -> argparse.ArgumentParser:
     ablate = commands.add_parser(
         "ablate-blocks", help="which blocks the images need for their objects / styles (classifier-scored)"
     )
-    ablate.add_argument("--world", choices=["minicanvas"], default="minicanvas", help="the classifier's world")
-    ablate.add_argument("--model", help="diffusers folder (default: the world's model)")
-    ablate.add_argument("--classifier", help="classifier folder (default: the world's)")
+    _add_classifier_world_arguments(ablate)
     ablate.add_argument("--block", action="append", help="default: every cross-attention block")
     ablate.add_argument("--styles-per-object", type=int, default=4)
     ablate.add_argument("--seed", type=int, default=0)
-    ablate.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA if present)")
     ablate.set_defaults(run=_ablate_blocks)
 
     evaluate = commands.add_parser(
         "evaluate", help="UA / IRA / CRA of both methods with tuned strengths, and sequential erasure (resumable)"
     )
-    evaluate.add_argument("--world", choices=["minicanvas"], default="minicanvas", help="the classifier's world")
-    evaluate.add_argument("--model", help="diffusers folder (default: the world's model)")
-    evaluate.add_argument("--classifier", help="classifier folder (default: assets/minicanvas/classifier)")
+    _add_classifier_world_arguments(evaluate)
     evaluate.add_argument("--quick", action="store_true", help="3 objects, 2 styles, fewer prompts: a few minutes")
     evaluate.add_argument("--protocol", choices=["full", "standard", "quick"], default="full")
     evaluate.add_argument("--out", default="assets/minicanvas/results", help="folder for the JSON, table and plots")
     evaluate.add_argument("--cache", default="runs/eval-cache.jsonl", help="verdicts of images made so far")
-    evaluate.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA if present)")
     evaluate.set_defaults(run=_evaluate)
 
     nudity_concept = commands.add_parser(
@@ -643,9 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
     attack = commands.add_parser(
         "attack", help="UnlearnDiffAtk-style prompt-prefix attack on each erasure: attack success rate (resumable)"
     )
-    attack.add_argument("--world", choices=["minicanvas"], default="minicanvas", help="the classifier's world")
-    attack.add_argument("--model", help="diffusers folder (default: the world's model)")
-    attack.add_argument("--classifier", help="classifier folder (default: assets/minicanvas/classifier)")
+    _add_classifier_world_arguments(attack)
     attack.add_argument("--concepts", nargs="+", help="default: every object of the world")
     attack.add_argument(
         "--methods", nargs="+", choices=["none", "saeuron", "saemnesia"], default=["none", "saeuron", "saemnesia"]
@@ -661,13 +661,14 @@ def build_parser() -> argparse.ArgumentParser:
     attack.add_argument("--strength", type=float, default=-10.0, help="for concepts without a tuned strength")
     attack.add_argument("--features-per-step", type=int, default=1, help="SAeUron, without a tuned setting")
     attack.add_argument("--out", default="assets/minicanvas/results/attack.json", help="the JSON; attack.md beside")
-    attack.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA if present)")
     attack.set_defaults(run=_attack)
     return parser
 
 
 def _attack(args: argparse.Namespace) -> None:
-    from saemnesia.attack import attack_table, run_attacks, tuned_settings
+    import json
+
+    from saemnesia.attack import attack_table, run_attacks
     from saemnesia.minicanvas.classifier import load_classifier
 
     studio = _load_studio(args)
@@ -678,7 +679,7 @@ def _attack(args: argparse.Namespace) -> None:
         classifier,
         args.concepts or list(studio.world.objects),
         args.methods,
-        tuned_settings(evaluation),
+        json.loads(evaluation.read_text()) if evaluation.is_file() else None,
         strength=args.strength,
         features_per_step=args.features_per_step,
         iterations=args.iterations,

@@ -68,7 +68,7 @@ from tqdm.auto import tqdm
 
 from saemnesia.concepts import check_concepts
 from saemnesia.erase import METHODS, features_for_percentile
-from saemnesia.generate import initial_noise, model_lock
+from saemnesia.generate import model_lock
 from saemnesia.hooks import hook_points, hooked_block
 from saemnesia.minicanvas.classifier import MiniCanvasClassifier, classify
 from saemnesia.studio import Studio
@@ -602,7 +602,6 @@ def ablate_blocks(
         for obj in world.objects
         for style in world.styles[:styles_per_object]
     ]
-    noise = initial_noise(pipeline, seed, world.height, world.width).repeat(len(specs), 1, 1, 1)
 
     def unconditional(hidden: Tensor, step: int) -> Tensor:
         half = hidden.shape[0] // 2
@@ -613,14 +612,7 @@ def ablate_blocks(
         with model_lock(pipeline), ExitStack() as stack:
             if block is not None:
                 stack.enter_context(hooked_block(pipeline.unet, block, unconditional))
-            images = pipeline(
-                prompt=[spec.text for spec in specs],
-                latents=noise.to(pipeline.device, pipeline.unet.dtype),
-                num_inference_steps=world.steps,
-                guidance_scale=world.guidance,
-                height=world.height,
-                width=world.width,
-            ).images
+            images = studio.generate([spec.text for spec in specs], [], seed, include_originals=False).erased
         judged = [
             Judged(spec.text, seed, spec.object, spec.style, verdict.object, verdict.style)
             for spec, verdict in zip(specs, classify(classifier, images))

@@ -28,10 +28,11 @@ _model_locks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _locks_guard = threading.Lock()
 
 
-def model_lock(pipeline: StableDiffusionPipeline) -> threading.Lock:
-    """The lock that serialises generations on this pipeline's UNet."""
+def model_lock(pipeline: StableDiffusionPipeline) -> threading.RLock:
+    """The lock that serialises generations on this pipeline's UNet; re-entrant, so a caller that puts its
+    own hook on the UNet can hold it around a generation that takes it again."""
     with _locks_guard:
-        return _model_locks.setdefault(pipeline.unet, threading.Lock())
+        return _model_locks.setdefault(pipeline.unet, threading.RLock())
 
 
 class SaeMismatchError(ValueError):
