@@ -173,17 +173,26 @@ def _sae_folder(world, variant: str, kind: str, given: str | None) -> Path:
     return world.sae_folder(variant, kind)
 
 
-def _collect(args: argparse.Namespace) -> None:
+def _processes(args: argparse.Namespace):
+    """Accelerate's process state and this process's device.
+
+    Launched as several processes (`accelerate launch` or `torchrun`), each works on its own device;
+    accelerate joins CPU processes only when told they are CPU.
+    """
     from accelerate import PartialState
 
-    from saemnesia.train import collect
-    from saemnesia.worlds import WORLDS, default_device, load_pipeline
+    from saemnesia.worlds import default_device
 
-    # Launched as several processes (`accelerate launch --multi_gpu` or `torchrun`), each takes its
-    # slice of the shards on its own device; accelerate joins CPU processes only when told they are CPU.
     requested = args.device or default_device()
     processes = PartialState(cpu=requested == "cpu")
-    device = str(processes.device) if processes.num_processes > 1 else requested
+    return processes, str(processes.device) if processes.num_processes > 1 else requested
+
+
+def _collect(args: argparse.Namespace) -> None:
+    from saemnesia.train import collect
+    from saemnesia.worlds import WORLDS, load_pipeline
+
+    processes, device = _processes(args)
     world = WORLDS[args.world]
     activations = collect(
         world,
@@ -213,7 +222,6 @@ def _train_sae(args: argparse.Namespace) -> None:
     import json
 
     from saemnesia.train import Activations, SaeTrainConfig, save_sae, train_sae
-    from saemnesia.worlds import default_device
 
     world, block, activations = _training_world(args)
     config = SaeTrainConfig(
@@ -226,10 +234,13 @@ def _train_sae(args: argparse.Namespace) -> None:
         holdout=args.holdout,
         seed=args.seed,
     )
-    sae, report = train_sae(Activations.open(activations), block, config, device=args.device or default_device())
-    out = _sae_folder(world, "unsupervised", args.kind, args.out)
-    save_sae(sae, report, out)
-    print(json.dumps({"sae": str(out), "heldout": report["heldout"]}))
+    processes, device = _processes(args)
+    parallel = processes if processes.num_processes > 1 else None
+    sae, report = train_sae(Activations.open(activations), block, config, device=device, processes=parallel)
+    if processes.is_main_process:
+        out = _sae_folder(world, "unsupervised", args.kind, args.out)
+        save_sae(sae, report, out)
+        print(json.dumps({"sae": str(out), "heldout": report["heldout"]}))
 
 
 def _stats(args: argparse.Namespace) -> None:
@@ -515,7 +526,10 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--block", action="append", help="default: every collected block")
     probe.set_defaults(run=_probe_blocks)
 
-    train_sae = commands.add_parser("train-sae", help="train an unsupervised TopK SAE (SAeUron) on collected tokens")
+    train_sae = commands.add_parser(
+        "train-sae",
+        help="train an unsupervised TopK SAE (SAeUron) on collected tokens (data-parallel under `accelerate launch`)",
+    )
     _add_training_arguments(train_sae)
     train_sae.add_argument("--out", help="SAE folder (default: assets/<world>/sae/unsupervised/<hook point>)")
     train_sae.add_argument("--expansion-factor", type=int, default=16)

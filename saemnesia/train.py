@@ -469,14 +469,29 @@ def train_sae(
     config: SaeTrainConfig | None = None,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    processes: PartialState | None = None,
 ) -> tuple[Sae, dict]:
-    """Train a TopK SAE on one block's tokens; returns it and a report with held-out FVU and dead share."""
+    """Train a TopK SAE on one block's tokens; returns it and a report with held-out FVU and dead share.
+
+    Launched as several processes (`accelerate launch`, or `torchrun`), pass accelerate's `PartialState`
+    as `processes` for data parallelism: every process draws the same shuffled batches and trains on
+    its share of them (batch i goes to process i mod n), gradients and fired latents are averaged and
+    joined across processes, so all processes hold the same SAE after every step; the effective batch is
+    n x `batch_size`, and `b_dec` starts from batch 0 everywhere.
+    """
+    from accelerate.utils import reduce
+
     config = config or SaeTrainConfig()
+    num_processes = processes.num_processes if processes is not None else 1
+    rank = processes.process_index if processes is not None else 0
     d_in = activations.width(block)
     num_latents = d_in * config.expansion_factor
     heldout = heldout_images(activations.num_images, config.holdout, config.seed)
     train_tokens = activations.num_tokens(block, ~heldout)
-    steps_per_epoch = max(1, train_tokens // config.batch_size)
+    batches_per_epoch = max(1, train_tokens // config.batch_size) // num_processes * num_processes
+    if batches_per_epoch == 0:
+        raise ValueError(f"{num_processes} processes need at least as many batches: lower batch_size.")
+    steps_per_epoch = batches_per_epoch // num_processes
     total_steps = steps_per_epoch * config.epochs
     lr = config.lr or 2e-4 / math.sqrt(num_latents / 2**14)
     dead_tokens = config.dead_tokens or max(config.batch_size, train_tokens // 10)
@@ -490,15 +505,18 @@ def train_sae(
     tokens_since_fired = torch.zeros(num_latents, dtype=torch.long, device=device)
     generator = torch.Generator().manual_seed(config.seed)
     history = []
-    bar = tqdm(total=total_steps, desc=f"train SAE on {block}", unit="batch", disable=not progress)
+    bar = tqdm(total=total_steps, desc=f"train SAE on {block}", unit="batch", disable=not progress or rank > 0)
     step = 0
     for epoch in range(config.epochs):
         fvu_sum, auxk_sum, batches = 0.0, 0.0, 0
         buffers = _buffers(activations, block, ~heldout, generator, config.shards_in_memory)
-        for (x,) in _batches(((tokens.flatten(0, 1),) for tokens, _ in buffers), config.batch_size, generator):
+        all_batches = _batches(((tokens.flatten(0, 1),) for tokens, _ in buffers), config.batch_size, generator)
+        for index, (x,) in enumerate(all_batches):
             x = x.to(device, torch.float32)
-            if step == 0:
+            if step == 0 and index == 0:
                 sae.b_dec.data.copy_(geometric_median(x, config.median_iterations))
+            if index >= batches_per_epoch or index % num_processes != rank:
+                continue
 
             # Encode, keep the top k, decode; the loss is the fraction of variance unexplained.
             pre_acts = torch.relu(sae.pre_activations(x))
@@ -521,14 +539,20 @@ def train_sae(
 
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if num_processes > 1:
+                for parameter in sae.parameters():
+                    parameter.grad = reduce(parameter.grad, "mean")
             _remove_decoder_parallel_gradient(sae)
             optimizer.step()
             schedule.step()
             sae.normalize_decoder()
 
-            fired = torch.zeros(num_latents, dtype=torch.bool, device=device)
-            fired[top_indices[top_acts > 0]] = True
-            tokens_since_fired += len(x)
+            fired = torch.zeros(num_latents, device=device)
+            fired[top_indices[top_acts > 0]] = 1.0
+            if num_processes > 1:
+                fired = reduce(fired, "sum")
+            tokens_since_fired += len(x) * num_processes
+            fired = fired > 0
             tokens_since_fired[fired] = 0
             fvu_sum, auxk_sum, batches, step = fvu_sum + fvu.item(), auxk_sum + auxk.item(), batches + 1, step + 1
             bar.update()
@@ -542,6 +566,7 @@ def train_sae(
         "lr": lr,
         "dead_tokens": dead_tokens,
         "steps": step,
+        "processes": num_processes,
         "train_tokens": train_tokens,
         "heldout_images": int(heldout.sum()),
         "history": history,

@@ -3,7 +3,11 @@
 import dataclasses
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -49,6 +53,7 @@ TINY_WORLD = dataclasses.replace(
     width=16,
     assets=None,
 )
+REPO = Path(__file__).resolve().parent.parent
 SHARD_SETTINGS = {"seeds_per_prompt": 2, "images_per_shard": 8}  # 2 x 2 x 3 prompts x 2 seeds = 24 images
 FAST_SAE = SaeTrainConfig(expansion_factor=4, k=8, batch_size=256, epochs=10, lr=3e-3, holdout=0.2)
 
@@ -240,6 +245,41 @@ def test_fine_tuning_binds_planted_concepts_to_their_dictionary_latents(tmp_path
     train = [epoch["train"]["total"] for epoch in report["history"][1:]]
     assert train[-1] < train[0]
     assert torch.allclose(tuned.W_dec.norm(dim=1), torch.ones(sae.num_latents), atol=1e-5)
+
+
+TRAIN_SCRIPT = """
+import sys
+import torch
+from accelerate import PartialState
+from safetensors.torch import save_file
+from saemnesia.train import Activations, SaeTrainConfig, train_sae
+
+torch.set_num_threads(1)
+processes = PartialState(cpu=True)
+config = SaeTrainConfig(expansion_factor=4, k=8, batch_size=128, epochs=2, lr=3e-3, holdout=0.2)
+sae, report = train_sae(Activations.open(sys.argv[1]), sys.argv[2], config, progress=False, processes=processes)
+save_file(sae.state_dict(), f"{sys.argv[3]}/rank{processes.process_index}.safetensors")
+if processes.is_main_process:
+    save_file({"steps": torch.tensor(report["steps"]), "processes": torch.tensor(report["processes"]),
+               "fvu": torch.tensor(report["heldout"]["fvu"])}, f"{sys.argv[3]}/report.safetensors")
+"""
+
+
+def test_two_cpu_processes_train_one_sae_on_half_the_batches_each(activations, tmp_path):
+    script = tmp_path / "train_two.py"
+    script.write_text(TRAIN_SCRIPT)
+    environment = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    run = subprocess.run(
+        [*command, str(activations.folder), BLOCK, str(tmp_path)], env=environment, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    first, second = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
+    assert all(torch.equal(first[name], second[name]) for name in first)  # gradients averaged: one SAE
+    report = load_file(tmp_path / "report.safetensors")
+    train_tokens = activations.num_tokens(BLOCK, ~heldout_images(activations.num_images, 0.2))
+    assert int(report["processes"]) == 2 and int(report["steps"]) == 2 * (train_tokens // 128 // 2)
+    assert 0 < float(report["fvu"]) < 1
 
 
 def test_fine_tuning_keeps_the_best_heldout_epoch(activations, trained):
