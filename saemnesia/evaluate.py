@@ -962,7 +962,8 @@ def plot_strength_curves(results: dict, path: Path) -> None:
                 ]
             axis.legend(handles=handles, fontsize=7)
             axis.set_title(f"{METHOD_NAMES[method]}: erasing {kind}s ({len(concepts)})")
-            axis.set_xlabel("strength (gamma)")
+            axis.set_xscale("symlog", linthresh=0.01)  # the grid is log-spaced from -0.03 to -30
+            axis.set_xlabel("strength (gamma), log scale")
             axis.set_ylabel("% (tuning seeds, mean over concepts)")
             axis.set_ylim(-2, 102)
             axis.grid(alpha=0.3)
