@@ -182,7 +182,8 @@ def erase_tab(studio: Studio, classifier, last_run: gr.State, benchmark: dict | 
         saeuron_strength=DEFAULT_STRENGTH,
         progress=gr.Progress(),
     ):
-        """`strength` is SAEmnesia's and `saeuron_strength` SAeUron's (last, so older scripts keep working)."""
+        """`strength` is SAEmnesia's and `saeuron_strength` SAeUron's (last, so gradio_client scripts that
+        predate it keep working, the client filling in the slider's value)."""
         methods = METHOD_CHOICES.get(method) if isinstance(method, str) else None
         if methods is None:
             raise gr.Error(f"method must be one of {', '.join(METHOD_CHOICES)}, got {method!r}.", print_exception=False)
