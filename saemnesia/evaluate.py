@@ -13,7 +13,8 @@ from one seed's noise; seeds are far above those `collect` uses for the statisti
   naming other concepts of its kind (partners and templates rotating), so 20 images a trial,
   28 trials a concept: 11,200 images. Held-out: seeds 60000-60001, 20 + 20 prompts, 2 methods: 3,200.
   Sequential: 1 to 9 objects, 50 prompts over all objects, seed 60000, 2 methods: 900. Untouched: every
-  held-out and sequential prompt at its seeds: 532. 15,832 images, about 53 minutes at 5 images/s.
+  held-out and sequential prompt at its seeds: 532. 15,832 images, about 34 minutes at the 7.8
+  images/s measured on a 2-core CPU.
 - quick: the first 3 objects and 2 styles; tuning 3 + 3 prompts (840 images), held-out seed 60000 with
   6 + 6 prompts (120), sequential 1 to 3 objects on 20 prompts (120), untouched 51: 1,131 images,
   about 4 minutes at 5 images/s. A demo and a smoke test: too few images to compare methods.
@@ -307,7 +308,7 @@ STANDARD = Protocol(
     sequential_prompts=30,
     sequential_seeds=(60_000,),
 )
-"""Every object and four styles, lighter search prompts: the run a 2-core CPU finishes in about 20 minutes."""
+"""Every object and four styles, lighter search prompts: 6,596 images, 15.6 minutes on a 2-core CPU."""
 PROTOCOLS = {"full": FULL, "standard": STANDARD, "quick": QUICK}
 
 
