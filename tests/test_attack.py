@@ -16,7 +16,6 @@ from saemnesia.attack import (
     best_prefix_images,
     prefix_vocabulary,
 )
-from saemnesia.generate import generate_pairs
 from saemnesia.minicanvas import classifier as classifier_module
 from saemnesia.minicanvas.classifier import ClassifierConfig, ClassifierOutput, classify, images_to_tensor
 
@@ -56,21 +55,9 @@ def studio():
 
 def plain_prompt_blue(studio) -> float:
     """The highest mean blue, over the seeds, of the erased model's images of the plain prompt."""
-    world = studio.world
+    prompt, hooks = f"a {CONCEPT} in {studio.world.styles[0]} style", studio.hooks([CONCEPT], "saemnesia", -10.0)
     blues = [
-        images_to_tensor(
-            generate_pairs(
-                studio.pipeline,
-                [f"a {CONCEPT} in {world.styles[0]} style"],
-                studio.hooks([CONCEPT], "saemnesia", -10.0),
-                seed=seed,
-                steps=world.steps,
-                guidance=world.guidance,
-                height=world.height,
-                width=world.width,
-                include_originals=False,
-            ).erased
-        )[:, 2].mean()
+        images_to_tensor(studio.generate([prompt], hooks, seed, include_originals=False).erased)[:, 2].mean()
         for seed in SEEDS
     ]
     return float(max(blues))
