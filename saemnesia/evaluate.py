@@ -91,6 +91,8 @@ wipes out neighbouring objects. Both methods search these same 7 values, which k
 (-1 and -30) and its number of trials.
 """
 KINDS = ("object", "style")
+TABLE1_METRICS = ("ua", "ira", "cra")
+METRICS = (*TABLE1_METRICS, "cra_erased")
 METHOD_NAMES = {"saemnesia": "SAEmnesia", "saeuron": "SAeUron"}
 # UnlearnCanvas Table 1 of the SAEmnesia paper.
 PAPER_TABLE = {
@@ -129,6 +131,9 @@ class Metrics(NamedTuple):
     ua: float | None
     ira: float | None
     cra: float | None
+    cra_erased: float | None = None
+    """CRA on the erased concepts' own images alone: where an erasure that takes the rest of the image
+    with it shows (CRA on the others' images stays near the ceiling)."""
 
     @property
     def score(self) -> float | None:
@@ -153,7 +158,8 @@ def accuracy(judged: Sequence[Judged], kind: str) -> float | None:
 
 
 def erasure_metrics(judged: Sequence[Judged], erased: Collection[str], kind: str) -> Metrics:
-    """UA on images naming an erased concept, IRA on those naming another of its kind, CRA on all.
+    """UA on images naming an erased concept, IRA on those naming another of its kind, CRA on all
+    (and on the erased concepts' images alone).
 
     `kind` is the erased concepts' kind ("object" or "style"); CRA is accuracy on the other kind.
     """
@@ -164,6 +170,7 @@ def erasure_metrics(judged: Sequence[Judged], erased: Collection[str], kind: str
         None if erased_accuracy is None else 100 - erased_accuracy,
         accuracy(on_others, kind),
         accuracy(judged, other_kind(kind)),
+        accuracy(on_erased, other_kind(kind)),
     )
 
 
@@ -630,7 +637,7 @@ def _round(value: float | None) -> float | None:
 
 
 def _metrics_dict(metrics: Metrics) -> dict:
-    return {"ua": _round(metrics.ua), "ira": _round(metrics.ira), "cra": _round(metrics.cra)}
+    return {name: _round(value) for name, value in metrics._asdict().items()}
 
 
 def _mean(values: Sequence[float | None]) -> float | None:
@@ -714,7 +721,7 @@ def evaluate(
         "methods": methods,
         "search": _search_report(protocol, plan, search_seconds),
         "paper": {
-            method: {kind: dict(zip(("ua", "ira", "cra"), values)) for kind, values in table.items()}
+            method: {kind: dict(zip(TABLE1_METRICS, values)) for kind, values in table.items()}
             for method, table in PAPER_TABLE.items()
         },
         "images": {"planned": plan.images, "generated": judge.generated, "from_cache": judge.from_cache},
@@ -842,15 +849,17 @@ def _summary(concepts: Mapping[str, dict]) -> dict:
         rows = [entry for entry in concepts.values() if entry["kind"] == kind]
         if not rows:
             continue
-        heldout = {name: _mean([row["heldout"][name] for row in rows]) for name in ("ua", "ira", "cra")}
-        untouched = {name: _mean([row["untouched"][name] for row in rows]) for name in ("ua", "ira", "cra")}
+        heldout, untouched = (
+            {name: _mean([row[part].get(name) for row in rows]) for name in METRICS}
+            for part in ("heldout", "untouched")
+        )
         summary[kind] = {
             **{name: _round(value) for name, value in heldout.items()},
-            "mean": _round(_mean(list(heldout.values()))),
+            "mean": _round(_mean([heldout[name] for name in TABLE1_METRICS])),
             "concepts": len(rows),
             "untouched": {
                 **{name: _round(value) for name, value in untouched.items()},
-                "mean": _round(_mean(list(untouched.values()))),
+                "mean": _round(_mean([untouched[name] for name in TABLE1_METRICS])),
             },
         }
     return summary
@@ -869,8 +878,9 @@ def results_table(results: dict) -> str:
         f"Erasure on {results['world']} ({results['protocol']['name']} protocol; paper: UnlearnCanvas, Table 1 "
         "of SAEmnesia; different worlds, so compare the gaps, not the levels)",
         "",
-        "| method | erased | UA | IRA | CRA | mean | paper UA | paper IRA | paper CRA | paper mean |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | erased | UA | IRA | CRA | mean | paper UA | paper IRA | paper CRA | paper mean "
+        "| CRA on the erased concept's images |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for kind in KINDS:
         for method in METHODS:
@@ -878,12 +888,10 @@ def results_table(results: dict) -> str:
             if summary is None:
                 continue
             paper = PAPER_TABLE[method][kind]
-            ours = [summary[name] for name in ("ua", "ira", "cra", "mean")]
+            ours = [summary[name] for name in (*TABLE1_METRICS, "mean")]
             lines.append(
                 f"| {METHOD_NAMES[method]} | {kind}s | "
-                + " | ".join(map(_cell, ours))
-                + " | "
-                + " | ".join(map(_cell, [*paper, sum(paper) / 3]))
+                + " | ".join(map(_cell, [*ours, *paper, sum(paper) / 3, summary.get("cra_erased")]))
                 + " |"
             )
         summary = results["methods"]["saemnesia"]["summary"].get(kind)
@@ -891,8 +899,10 @@ def results_table(results: dict) -> str:
             untouched = summary["untouched"]
             lines.append(
                 f"| untouched model | {kind}s | "
-                + " | ".join(_cell(untouched[name]) for name in ("ua", "ira", "cra", "mean"))
-                + " | | | | |"
+                + " | ".join(_cell(untouched[name]) for name in (*TABLE1_METRICS, "mean"))
+                + " | | | | | "
+                + _cell(untouched.get("cra_erased"))
+                + " |"
             )
     search = results["search"]
     lines += ["", "Strength search (per concept, on tuning seeds):", ""]
@@ -919,8 +929,8 @@ def results_table(results: dict) -> str:
         ]
         for index, step in enumerate(steps):
             other = results["methods"]["saeuron"]["sequential"][index]
-            cells = [" / ".join(_cell(row[name]) for name in ("ua", "ira", "cra")) for row in (step, other)]
-            cells.append(" / ".join(_cell(step["untouched"][name]) for name in ("ua", "ira", "cra")))
+            cells = [" / ".join(_cell(row[name]) for name in TABLE1_METRICS) for row in (step, other)]
+            cells.append(" / ".join(_cell(step["untouched"][name]) for name in TABLE1_METRICS))
             lines.append(f"| {len(step['erased'])} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -976,7 +986,7 @@ def plot_sequential(results: dict, path: Path) -> None:
     """UA, IRA, CRA after each sequential step, both methods and the untouched model."""
     figure = Figure(figsize=(12, 3.4), layout="constrained")
     axes = figure.subplots(1, 3)
-    for axis, name in zip(axes, ("ua", "ira", "cra")):
+    for axis, name in zip(axes, TABLE1_METRICS):
         for method, style in zip(METHODS, ("o-", "s--")):
             steps = results["methods"][method]["sequential"]
             axis.plot(

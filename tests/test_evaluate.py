@@ -79,20 +79,20 @@ VERDICTS = [
 
 def test_object_erasure_metrics_on_hand_made_verdicts():
     metrics = erasure_metrics(VERDICTS, ["circle"], "object")
-    # circle images: 2 of 4 still drawn circles; others: 5 of 6 right; styles: 7 of 10 right.
-    assert metrics == Metrics(ua=50.0, ira=pytest.approx(500 / 6), cra=70.0)
+    # circle images: 2 of 4 still drawn circles; others: 5 of 6 right; styles: 7 of 10 right, 3 of 4 on circles.
+    assert metrics == Metrics(ua=50.0, ira=pytest.approx(500 / 6), cra=70.0, cra_erased=75.0)
     assert metrics.score == pytest.approx((50 + 500 / 6) / 2)
 
 
 def test_style_erasure_metrics_use_styles_for_ua_and_ira_and_objects_for_cra():
     metrics = erasure_metrics(VERDICTS, ["ocean"], "style")
-    # ocean images: 3 of 5 still ocean; sunset images: 4 of 5 right; objects: 7 of 10 right.
-    assert metrics == Metrics(ua=40.0, ira=80.0, cra=70.0)
+    # ocean images: 3 of 5 still ocean; sunset images: 4 of 5 right; objects: 7 of 10 right, 3 of 5 on ocean.
+    assert metrics == Metrics(ua=40.0, ira=80.0, cra=70.0, cra_erased=60.0)
 
 
 def test_several_erased_concepts_count_together_and_empty_groups_are_none():
     assert erasure_metrics(VERDICTS, ["circle", "square"], "object") == Metrics(
-        ua=pytest.approx(100 - 400 / 7), ira=100.0, cra=70.0
+        ua=pytest.approx(100 - 400 / 7), ira=100.0, cra=70.0, cra_erased=pytest.approx(500 / 7)
     )
     nothing_left = erasure_metrics(VERDICTS, ["circle", "square", "star"], "object")
     assert nothing_left.ira is None and nothing_left.score is None
@@ -136,9 +136,9 @@ def test_strength_is_chosen_by_ua_plus_ira_on_tuning_seeds_only():
     best, metrics = choose_setting(trials, "circle", "object", tuning_seeds={tuning_seed})
     assert best == medium
     assert metrics == {
-        mild: Metrics(0.0, 100.0, 100.0),
-        medium: Metrics(100.0, 100.0, 100.0),
-        strong: Metrics(100.0, 0.0, 100.0),
+        mild: Metrics(0.0, 100.0, 100.0, 100.0),
+        medium: Metrics(100.0, 100.0, 100.0, 100.0),
+        strong: Metrics(100.0, 0.0, 100.0, 100.0),
     }
     # With the held-out seed counted, the strong setting would have won: it must not be seen.
     assert choose_setting(trials, "circle", "object", tuning_seeds={tuning_seed, heldout_seed})[0] == strong
