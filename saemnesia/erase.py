@@ -117,15 +117,49 @@ def saeuron_erasure(
     return Erasure(tuple(concepts), "saeuron", strength, tuple(steps), stats.timesteps, start_step)
 
 
-def apply_step_edit(sae: Sae, tokens: Tensor, codes: EncoderOutput, edit: StepEdit) -> tuple[Tensor, Tensor]:
+@dataclass(frozen=True)
+class PreparedEdit:
+    """A `StepEdit` made ready for one SAE: on its device, with the edited latents' decoder rows
+    gathered, so each UNet call does only the arithmetic."""
+
+    latents: Tensor
+    """[n] latent indices."""
+    decoder_rows: Tensor
+    """[n, d] their rows of `W_dec`: the only ones the edit reads."""
+    gains: Tensor
+    """[n] multiplier - 1: the token moves by activation * gain along the latent's decoder row."""
+    thresholds: Tensor
+    """[n]"""
+
+    @classmethod
+    def of(cls, sae: Sae, edit: StepEdit) -> PreparedEdit:
+        W_dec = sae.W_dec.detach()
+        latents = edit.latents.to(W_dec.device)
+        return cls(
+            latents,
+            W_dec[latents],
+            (edit.multipliers - 1).to(W_dec.device, W_dec.dtype),
+            edit.thresholds.to(W_dec.device, W_dec.dtype),
+        )
+
+
+def token_changes(activation: Tensor, edit: PreparedEdit) -> tuple[Tensor, Tensor]:
+    """What the edit adds to each token, `(z_edit - z) W_dec`, given the edited latents' codes `[N, n]`;
+    and where each latent fired above its threshold `[N, n]`."""
+    fires = activation > edit.thresholds
+    return torch.where(fires, activation * edit.gains, 0.0) @ edit.decoder_rows, fires
+
+
+def apply_step_edit(tokens: Tensor, codes: EncoderOutput, edit: PreparedEdit) -> tuple[Tensor, Tensor]:
     """Edit tokens `[N, d]` given their SAE codes; returns the new tokens and the edited-token mask `[N]`.
 
     Only the edited latents' activations are read from the top-k codes and only their decoder rows
     are used: `x + (z_edit - z) W_dec[latents]`.
     """
-    matches = codes.top_indices.unsqueeze(-1) == edit.latents.to(tokens.device)  # [N, k, n]
+    matches = codes.top_indices.unsqueeze(-1) == edit.latents  # [N, k, n]
     activation = (codes.top_acts.unsqueeze(-1) * matches).sum(-2)  # [N, n]
-    return edit_tokens(sae, tokens, activation, edit)
+    change, fires = token_changes(activation, edit)
+    return tokens + change.to(tokens.dtype), fires.any(-1)
 
 
 def edited_latent_codes(sae: Sae, tokens: Tensor, latents: Tensor) -> Tensor:
@@ -142,10 +176,3 @@ def edited_latent_codes(sae: Sae, tokens: Tensor, latents: Tensor) -> Tensor:
     mask = pre_acts.new_empty((*values.shape, pre_acts.shape[-1]))
     larger = torch.gt(pre_acts.unsqueeze(-2), values.unsqueeze(-1), out=mask).sum(-1)  # [N, n]
     return torch.where(larger < sae.cfg.k, values.relu(), 0.0)
-
-
-def edit_tokens(sae: Sae, tokens: Tensor, activation: Tensor, edit: StepEdit) -> tuple[Tensor, Tensor]:
-    """The edit given the edited latents' codes `[N, n]`; returns the new tokens and the edited-token mask `[N]`."""
-    fires = activation > edit.thresholds.to(activation)
-    change = torch.where(fires, activation * (edit.multipliers.to(activation) - 1), torch.zeros_like(activation))
-    return tokens + (change @ sae.W_dec[edit.latents.to(tokens.device)]).to(tokens.dtype), fires.any(-1)

@@ -20,7 +20,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from torch import Tensor
 
-from saemnesia.erase import Erasure, StepEdit, apply_step_edit, edit_tokens, edited_latent_codes
+from saemnesia.erase import Erasure, PreparedEdit, apply_step_edit, edited_latent_codes, token_changes
 from saemnesia.hooks import block_width, hooked_block
 from saemnesia.sae import EncoderOutput, Sae
 
@@ -119,6 +119,7 @@ def _block_edit(
     """
 
     step_edits = [hook.erasure.at(step, t) if hook.erasure is not None else None for step, t in enumerate(timesteps)]
+    step_edits = [None if e is None else PreparedEdit.of(hook.sae, e) for e in step_edits]
 
     def edit(hidden: Tensor, step: int) -> Tensor:
         step_edit = step_edits[step]
@@ -136,7 +137,7 @@ def _block_edit(
         if step_edit is not None:
             picks = [encode_rows.index(r) for r in erased_rows]
             erased_codes = EncoderOutput(encoded.top_acts[picks], encoded.top_indices[picks], None)
-            new_tokens, edited[picks] = apply_step_edit(hook.sae, tokens[erased_rows], erased_codes, step_edit)
+            new_tokens, edited[picks] = apply_step_edit(tokens[erased_rows], erased_codes, step_edit)
             tokens = tokens.clone()
             tokens[erased_rows] = new_tokens
             hidden = tokens.reshape(rows, h, w, channels).permute(0, 3, 1, 2).contiguous()
@@ -147,21 +148,18 @@ def _block_edit(
     return edit
 
 
-def _edit_erased_rows(sae: Sae, hidden: Tensor, batch: int, originals: int, step_edit: StepEdit) -> Tensor:
+def _edit_erased_rows(sae: Sae, hidden: Tensor, batch: int, originals: int, step_edit: PreparedEdit) -> Tensor:
     """The edit with nothing recorded, at the least work per step.
 
     Only the erased rows' tokens are gathered and encoded, and only the edited latents' codes are
-    computed: no top-k over the dictionary.
+    computed: no top-k over the dictionary. The change is added in place to a copy of the block output.
     """
     rows, channels, h, w = hidden.shape
-    erased = hidden.unflatten(0, (rows // batch, batch))[:, originals:]  # [guidance halves, erased, C, h, w]
-    tokens = erased.permute(0, 1, 3, 4, 2).reshape(-1, channels)
-    activation = edited_latent_codes(sae, tokens, step_edit.latents.to(hidden.device))
-    new_tokens, _ = edit_tokens(sae, tokens, activation, step_edit)
     edited = hidden.clone()
-    edited.unflatten(0, (rows // batch, batch))[:, originals:] = new_tokens.reshape(
-        *erased.shape[:2], h, w, channels
-    ).permute(0, 1, 4, 2, 3)
+    erased = edited.unflatten(0, (rows // batch, batch))[:, originals:]  # [guidance halves, erased, C, h, w]
+    tokens = erased.permute(0, 1, 3, 4, 2).reshape(-1, channels)
+    change, _ = token_changes(edited_latent_codes(sae, tokens, step_edit.latents), step_edit)
+    erased += change.view(*erased.shape[:2], h, w, channels).permute(0, 1, 4, 2, 3)
     return edited
 
 

@@ -10,6 +10,7 @@ from diffusers import UNet2DConditionModel
 
 from saemnesia.concepts import ConceptDictionary, ConceptStats, UnknownConceptError, build_dictionary
 from saemnesia.erase import (
+    PreparedEdit,
     StepEdit,
     apply_step_edit,
     features_for_percentile,
@@ -92,7 +93,7 @@ def test_unknown_hook_point_lists_the_real_ones(tiny_pipeline):
 def test_empty_edit_returns_block_output_exactly(tiny_sae):
     tokens = torch.randn(10, tiny_sae.d_in)
     nothing = StepEdit(torch.tensor([3]), torch.tensor([-5.0]), torch.tensor([1e9]))
-    out, mask = apply_step_edit(tiny_sae, tokens, tiny_sae.encode(tokens), nothing)
+    out, mask = apply_step_edit(tokens, tiny_sae.encode(tokens), PreparedEdit.of(tiny_sae, nothing))
     assert torch.equal(out, tokens) and not mask.any()
 
 
@@ -101,7 +102,7 @@ def test_edit_changes_only_tokens_where_latent_fires(tiny_sae):
     codes = tiny_sae.encode(tokens)
     latent = int(codes.top_indices[0, codes.top_acts[0].argmax()])
     edit = StepEdit(torch.tensor([latent]), torch.tensor([-3.0]), torch.tensor([0.0]))
-    out, mask = apply_step_edit(tiny_sae, tokens, codes, edit)
+    out, mask = apply_step_edit(tokens, codes, PreparedEdit.of(tiny_sae, edit))
     activation = (codes.top_acts * (codes.top_indices == latent)).sum(-1)
     assert torch.equal(mask, activation > 0) and mask.any()
     assert torch.equal(out[~mask], tokens[~mask])
