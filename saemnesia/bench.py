@@ -307,14 +307,23 @@ def sae_share_rows(subject: Subject, repeats: int, device: torch.device) -> list
         edit = _block_edit(hook, images, originals, timesteps, [])
         times = time_in_turn({"unet": unet_call, "edit": lambda: edit(block_output, 0)}, repeats, device)
         unet_macs, edit_macs = multiply_adds(unet_call), multiply_adds(lambda: edit(block_output, 0))
-    rows, _, height, width = block_output.shape
-    erased_tokens = rows // images * (images - originals) * height * width
+        # The encoder's matmul alone, each right after a UNet call as in inference: how much of the
+        # share is the arithmetic the floor counts, and how much the per-call work around it.
+        rows, channels = block_output.shape[:2]
+        erased_rows = block_output.unflatten(0, (rows // images, images))[:, originals:]
+        tokens = erased_rows.permute(0, 1, 3, 4, 2).reshape(-1, channels)
+        encoder_times = time_in_turn(
+            {"unet": unet_call, "encoder": lambda: hook.sae.pre_activations(tokens)}, repeats, device
+        )
+    erased_tokens = len(tokens)
     encoder_macs = erased_tokens * hook.sae.d_in * hook.sae.num_latents
     floor = encoder_macs / unet_macs
     share = median_ratio(times["edit"], times["unet"])
+    encoder_share = median_ratio(encoder_times["encoder"], encoder_times["unet"])
     note = (
         f"share {share:.2%} of the call, floor {floor:.2%} (encoder {encoder_macs / 1e6:.1f} M / "
-        f"UNet {unet_macs / 1e9:.2f} G MACs); edit MACs {edit_macs / encoder_macs:.4f}x the encoder's; "
+        f"UNet {unet_macs / 1e9:.2f} G MACs); the encoder's matmul alone {encoder_share / floor:.2f}x the floor; "
+        f"edit MACs {edit_macs / encoder_macs:.4f}x the encoder's; "
         f"SAE {hook.sae.d_in} -> {hook.sae.num_latents}, k {hook.sae.cfg.k}, {erased_tokens} tokens edited"
     )
     return [
