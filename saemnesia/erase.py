@@ -159,7 +159,7 @@ def apply_step_edit(tokens: Tensor, codes: EncoderOutput, edit: PreparedEdit) ->
     matches = codes.top_indices.unsqueeze(-1) == edit.latents  # [N, k, n]
     activation = (codes.top_acts.unsqueeze(-1) * matches).sum(-2)  # [N, n]
     change, fires = token_changes(activation, edit)
-    return tokens + change.to(tokens.dtype), fires.any(-1)
+    return (tokens + change).to(tokens.dtype), fires.any(-1)
 
 
 def edited_latent_codes(sae: Sae, tokens: Tensor, latents: Tensor) -> Tensor:
