@@ -298,8 +298,15 @@ def _finetune(args: argparse.Namespace) -> None:
 
 def _centralisation(args: argparse.Namespace) -> None:
     from saemnesia.concepts import ConceptDictionary, ConceptStats
+    from saemnesia.sae import Sae
     from saemnesia.studio import DICTIONARY_FILE, STATS_FILE
-    from saemnesia.train import CENTRALISATION_FILE, centralisation_report, centralisation_table, write_centralisation
+    from saemnesia.train import (
+        CENTRALISATION_FILE,
+        centralisation_report,
+        centralisation_table,
+        decoder_overlap,
+        write_centralisation,
+    )
     from saemnesia.worlds import WORLDS
 
     world = WORLDS[args.world]
@@ -314,7 +321,11 @@ def _centralisation(args: argparse.Namespace) -> None:
     }
     if not variants:
         raise FileNotFoundError(f"No statistics in {', '.join(map(str, folders.values()))}: run `stats` first.")
-    report = centralisation_report(variants, world.block_for(args.kind))
+    overlaps = {
+        variant: decoder_overlap(Sae.load(folders[variant]), dictionary)
+        for variant, (_, dictionary) in variants.items()
+    }
+    report = centralisation_report(variants, world.block_for(args.kind), overlaps)
     out = Path(args.out) if args.out else folders[list(variants)[-1]] / CENTRALISATION_FILE
     write_centralisation(report, out)
     print(centralisation_table(report))

@@ -7,7 +7,8 @@ One function per stage, each a CLI command (METHOD sections 2, 3 and 5):
 2. `train_sae`: an unsupervised TopK SAE trained as SAeUron trains it with sparsify.
 3. `compute_stats`: mean activation of every latent per concept and step; then `build_dictionary`.
 4. `finetune`: SAEmnesia's supervised fine-tuning, binding each concept to its dictionary latent.
-5. `centralisation_report`: how much of each concept's score its single best latent holds.
+5. `centralisation_report`: how much of each concept's score its single best latent holds, and how far
+   apart the concepts' decoder rows are.
 
 Images are the unit of the held-out splits: all steps and tokens of an image fall on the same side.
 A fine-tuning sample is one image at one step: all its tokens together, as the supervision needs.
@@ -901,10 +902,22 @@ def centralisation(stats: ConceptStats, dictionary: ConceptDictionary) -> list[d
     return rows
 
 
+def decoder_overlap(sae: Sae, dictionary: ConceptDictionary) -> float:
+    """Mean |cosine| between the decoder rows of distinct dictionary latents: near 0 when pushing one
+    concept's latent moves only its own direction, near 1 when it moves every concept's."""
+    rows = F.normalize(sae.W_dec.detach()[list(dictionary.latents.values())], dim=-1)
+    cosines = (rows @ rows.T).abs()
+    pairs = max(len(rows) * (len(rows) - 1), 1)
+    return float((cosines.sum() - cosines.diagonal().sum()) / pairs)
+
+
 def centralisation_report(
-    variants: Mapping[str, tuple[ConceptStats, ConceptDictionary]], block: str | None = None
+    variants: Mapping[str, tuple[ConceptStats, ConceptDictionary]],
+    block: str | None = None,
+    overlaps: Mapping[str, float] | None = None,
 ) -> dict:
-    """Side by side, per concept, for each SAE variant (e.g. "unsupervised" and "supervised"), with a summary."""
+    """Side by side, per concept, for each SAE variant (e.g. "unsupervised" and "supervised"), with a summary
+    (and each variant's `decoder_overlap`, where given)."""
     per_variant = {variant: centralisation(stats, dictionary) for variant, (stats, dictionary) in variants.items()}
     concepts = next(iter(variants.values()))[0].concepts
     rows = []
@@ -921,6 +934,7 @@ def centralisation_report(
             "mean_best_share": sum(e["best_share"] for e in entries) / max(len(entries), 1),
             "best_is_dictionary": sum(e["best_is_dictionary"] for e in entries),
             "concepts": len(entries),
+            "decoder_overlap": (overlaps or {}).get(variant),
         }
         for variant, entries in per_variant.items()
     }
@@ -949,5 +963,10 @@ def centralisation_table(report: dict) -> str:
         lines.append(
             f"\n{variant}: mean share {summary['mean_best_share']:.2f}, "
             f"best latent is the dictionary latent for {summary['best_is_dictionary']}/{summary['concepts']} concepts"
+            + (
+                ""
+                if summary.get("decoder_overlap") is None
+                else f", dictionary latents' decoder rows mean |cos| {summary['decoder_overlap']:.2f}"
+            )
         )
     return "\n".join(lines)

@@ -28,6 +28,7 @@ from saemnesia.train import (
     centralisation_table,
     collect,
     compute_stats,
+    decoder_overlap,
     evaluate_sae,
     evaluate_supervised,
     finetune,
@@ -338,7 +339,14 @@ def test_centralisation_report_compares_variants(tmp_path):
     dictionary = ConceptDictionary({"star": 4, "neon": 9}, {"star": "object", "neon": "style"})
     supervised = ConceptStats(stats.concepts, stats.kinds, stats.timesteps, mean_acts.clone())
     supervised.mean_acts[1, :, 8] = 0.0
-    report = centralisation_report({"unsupervised": (stats, dictionary), "supervised": (supervised, dictionary)})
+    sae = make_tiny_sae()
+    with torch.no_grad():
+        sae.W_dec[[4, 9]] = torch.eye(32)[[0, 0]] * torch.tensor([[1.0], [-3.0]])  # antiparallel: |cos| 1
+    overlaps = {"supervised": decoder_overlap(sae, dictionary)}
+    variants = {"unsupervised": (stats, dictionary), "supervised": (supervised, dictionary)}
+    report = centralisation_report(variants, overlaps=overlaps)
+    assert report["summary"]["supervised"]["decoder_overlap"] == pytest.approx(1.0)
+    assert report["summary"]["unsupervised"]["decoder_overlap"] is None
     star, neon = report["concepts"]
     assert star["unsupervised"]["best_share"] == pytest.approx(1.0) and star["unsupervised"]["best_is_dictionary"]
     assert neon["unsupervised"]["best_share"] == pytest.approx(0.5)
@@ -348,6 +356,7 @@ def test_centralisation_report_compares_variants(tmp_path):
     assert json.loads((tmp_path / "c.json").read_text()) == report
     table = centralisation_table(report)
     assert "| neon | style | 0.50 |" in table and table.count("\n| ") == 2
+    assert "decoder rows mean |cos| 1.00" in table
 
 
 def test_cli_trains_takes_stats_fine_tunes_and_reports(activations, tmp_path, capsys):
