@@ -850,8 +850,7 @@ def _summary(concepts: Mapping[str, dict]) -> dict:
         if not rows:
             continue
         heldout, untouched = (
-            {name: _mean([row[part].get(name) for row in rows]) for name in METRICS}
-            for part in ("heldout", "untouched")
+            {name: _mean([row[part][name] for row in rows]) for name in METRICS} for part in ("heldout", "untouched")
         )
         summary[kind] = {
             **{name: _round(value) for name, value in heldout.items()},
