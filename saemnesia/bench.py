@@ -37,7 +37,15 @@ from saemnesia.hooks import block_width, hooked_block
 from saemnesia.sae import Sae, SaeConfig
 from saemnesia.studio import DICTIONARY_FILE, STATS_FILE, SaeBundle
 from saemnesia.train import LABELS, Activations, SaeTrainConfig, train_sae
-from saemnesia.worlds import MINICANVAS, SD_V14_UNET_CONFIG, WORLDS, World, load_pipeline, random_pipeline
+from saemnesia.worlds import (
+    MINICANVAS,
+    SD_V14_UNET_CONFIG,
+    WORLDS,
+    World,
+    load_pipeline,
+    portable_name,
+    random_pipeline,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAINING_BLOCK = "up_blocks.1.attentions.1"
@@ -168,7 +176,8 @@ def synthetic_bundle(world: World, pipeline: StableDiffusionPipeline, block: str
     generator = torch.Generator().manual_seed(SEED)
     width = block_width(pipeline.unet, block)
     torch.manual_seed(SEED)
-    sae = Sae(SaeConfig(d_in=width, num_latents=16 * width, k=32, expansion_factor=16)).to(pipeline.device)
+    sae = Sae(SaeConfig(d_in=width, num_latents=16 * width, k=32, expansion_factor=16))
+    sae = sae.to(pipeline.device, pipeline.unet.dtype)
     timesteps = torch.tensor(sampler_timesteps(pipeline, steps))
     mean_acts = torch.rand(len(world.concepts), len(timesteps), sae.num_latents, generator=generator)
     kinds = [world.kind_of(concept) for concept in world.concepts]
@@ -188,7 +197,8 @@ def world_bundle(world: World, pipeline: StableDiffusionPipeline, steps: int) ->
     """The world's trained object SAE, else a synthetic stand-in; and which it is, in words."""
     folder = trained_sae_folder(world)
     if folder is not None:
-        return SaeBundle.load(folder, world.object_block, str(pipeline.device)), f"the world's SAE ({folder})"
+        bundle = SaeBundle.load(folder, world.object_block, str(pipeline.device), pipeline.unet.dtype)
+        return bundle, f"the world's SAE ({portable_name(str(folder))})"
     return synthetic_bundle(world, pipeline, world.object_block, steps), "a random SAE (no trained SAE in assets)"
 
 
@@ -473,7 +483,12 @@ def training_rows(quick: bool, repeats: int, device: torch.device) -> list[Row]:
     reading shards, the decoder's unit-norm upkeep, bookkeeping; that is its overhead. With AuxK it
     runs SAeUron's full recipe, whose extra term costs what it costs.
     """
-    width, batch_size, batches = (64, 256, 4) if quick else (1280, 256, 4)
+    if quick:
+        width, batch_size, batches = 64, 256, 4
+    elif device.type == "cuda":
+        width, batch_size, batches = 1280, 4096, 16  # SAeUron's batch: smaller ones leave a GPU idle
+    else:
+        width, batch_size, batches = 1280, 256, 4
     tokens_per_image = 64
     images = batch_size * batches // tokens_per_image
     recipe = SaeTrainConfig(expansion_factor=16, k=32, batch_size=batch_size, epochs=1, holdout=0.0)

@@ -401,7 +401,7 @@ def _nudity(args: argparse.Namespace) -> None:
     prompts = read_prompts(args.prompts, default_seed=args.seed, limit=args.limit)
     erasure = load_nudity_erasure(folder, args.method, args.strength)
     pipeline = load_pipeline(args.model or world.model, device=args.device)
-    hook = SaeHook(world.object_block, Sae.load(folder, str(pipeline.device)), erasure)
+    hook = SaeHook(world.object_block, Sae.load(folder, str(pipeline.device), pipeline.unet.dtype), erasure)
     size = args.size or world.height
     summary = evaluate_nudity(
         pipeline, hook, prompts, detector, args.out, args.steps, args.guidance, size, size, args.threshold

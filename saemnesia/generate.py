@@ -142,7 +142,7 @@ def _block_edit(
             tokens[erased_rows] = new_tokens
             hidden = tokens.reshape(rows, h, w, channels).permute(0, 3, 1, 2).contiguous()
         keep = [encode_rows.index(r) for r in conditional_rows]
-        codes.append((encoded.top_acts[keep].cpu(), encoded.top_indices[keep].cpu(), edited[keep].cpu()))
+        codes.append((encoded.top_acts[keep].float().cpu(), encoded.top_indices[keep].cpu(), edited[keep].cpu()))
         return hidden
 
     return edit

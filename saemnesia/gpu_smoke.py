@@ -72,7 +72,7 @@ def gpu_smoke(
 ) -> dict:
     """Median seconds of the plain and the paired generation, their ratio, and the SAE's time per call."""
     device = pipeline.device
-    sae = sae.to(device)
+    sae = sae.to(device, pipeline.unet.dtype)
     hook = one_latent_hook(sae, block, sampler_timesteps(pipeline, steps))
     noise = initial_noise(pipeline, seed, size, size).to(device, pipeline.unet.dtype)
     settings = dict(num_inference_steps=steps, guidance_scale=guidance, height=size, width=size)

@@ -140,8 +140,11 @@ class Sae(nn.Module):
         (folder / CONFIG_FILE).write_text(json.dumps(asdict(self.cfg), indent=2) + "\n")
 
     @classmethod
-    def load(cls, folder: str | Path, device: str | torch.device = "cpu") -> Sae:
-        """Load a sparsify-layout folder, checking every file, key and shape with a clear error."""
+    def load(cls, folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Sae:
+        """Load a sparsify-layout folder, checking every file, key and shape with a clear error.
+
+        `dtype` is the one it computes in: float32 to train and take statistics, the UNet's own to edit
+        a generation (see `Studio.load`)."""
         folder = Path(folder)
         config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
         for path in (config_path, weights_path):
@@ -173,10 +176,15 @@ class Sae(nn.Module):
                 )
         sae = cls(cfg)
         sae.load_state_dict({name: tensors[name].float() for name in expected})
-        return sae.to(device)
+        return sae.to(device, dtype)
 
 
-def load_sae(source: str | Path, subfolder: str | None = None, device: str | torch.device = "cpu") -> Sae:
+def load_sae(
+    source: str | Path,
+    subfolder: str | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> Sae:
     """Load an SAE from a local folder, or from a hub repository id (`bcywinski/SAeUron`, `leno3003/SAEmnesia`).
 
     `subfolder` is the hook point (`up_blocks.1.attentions.1`). SAeUron keeps one folder per hook point,
@@ -198,4 +206,4 @@ def load_sae(source: str | Path, subfolder: str | None = None, device: str | tor
         raise SaeLoadError(
             f"No SAE for {subfolder} in '{root}' (looked for {' and '.join(names)} inside it, and at its root)."
         )
-    return Sae.load(folder, device)
+    return Sae.load(folder, device, dtype)

@@ -266,7 +266,7 @@ def load_pipeline(source: str, device: str | None = None, dtype: torch.dtype | N
         raise FileNotFoundError(f"'{source}' has no model_index.json: it is not a diffusers pipeline folder.")
     try:
         pipeline = StableDiffusionPipeline.from_pretrained(
-            source, torch_dtype=dtype, use_safetensors=True, safety_checker=None, requires_safety_checker=False
+            source, dtype=dtype, use_safetensors=True, safety_checker=None, requires_safety_checker=False
         )
     except (OSError, ValueError, SafetensorError) as error:
         raise ValueError(

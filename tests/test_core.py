@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import BLOCK, make_tiny_sae
+from conftest import BLOCK, make_tiny_pipeline, make_tiny_sae
 from diffusers import UNet2DConditionModel
 
 from saemnesia.concepts import ConceptDictionary, ConceptStats, UnknownConceptError, build_dictionary
@@ -143,6 +143,22 @@ def test_erasure_changes_only_the_erased_rows(tiny_pipeline, tiny_sae):
     assert np.array_equal(np.asarray(erased.originals[0]), np.asarray(plain.originals[0]))
     assert not np.array_equal(np.asarray(erased.erased[0]), np.asarray(plain.erased[0]))
     assert erased.traces[BLOCK].edited[:, 1].any() and not erased.traces[BLOCK].edited[:, 0].any()
+
+
+def test_a_float16_unet_is_edited_by_the_sae_in_float16(tmp_path, tiny_sae):
+    pipeline = make_tiny_pipeline().to(torch.float16)
+    tiny_sae.save(tmp_path / "sae")
+    sae = Sae.load(tmp_path / "sae", dtype=torch.float16)
+    assert {parameter.dtype for parameter in sae.parameters()} == {torch.float16}
+    plain = generate_pairs(pipeline, ["a star"], [SaeHook(BLOCK, sae, record=True)], seed=1, steps=2)
+    assert plain.traces[BLOCK].top_acts.dtype == torch.float32
+    latent = int(torch.mode(plain.traces[BLOCK].top_indices[0, 0].flatten()).values)
+    stats = make_stats(num_latents=sae.num_latents)
+    stats.mean_acts[:, :, latent] = torch.tensor([[5.0], [0.0], [0.0], [0.0]])
+    erasure = saemnesia_erasure(stats, ConceptDictionary({"star": latent}, {"star": "object"}), ["star"], -20.0)
+    erased = generate_pairs(pipeline, ["a star"], [SaeHook(BLOCK, sae, erasure)], seed=1, steps=2)
+    assert np.array_equal(np.asarray(erased.originals[0]), np.asarray(plain.originals[0]))
+    assert not np.array_equal(np.asarray(erased.erased[0]), np.asarray(plain.erased[0]))
 
 
 def test_hook_is_removed_when_generation_raises(tiny_pipeline, tiny_sae):

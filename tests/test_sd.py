@@ -132,7 +132,7 @@ def test_load_pipeline_resolves_short_names_and_picks_fp32_safetensors_on_cpu(mo
     load_pipeline("sd14", device="cpu")
     assert [source for source, _ in calls] == [SD_MODELS["sd15"], SD_MODELS["sd14"]]
     assert SD_MODELS == {"sd14": "CompVis/stable-diffusion-v1-4", "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
-    assert calls[0][1]["torch_dtype"] == torch.float32 and calls[0][1]["use_safetensors"] is True
+    assert calls[0][1]["dtype"] == torch.float32 and calls[0][1]["use_safetensors"] is True
 
 
 def test_sd_architecture_folder_loads_with_ddim_and_the_paper_hook_points(tiny_sd_folder, tiny_sd):
