@@ -403,6 +403,8 @@ def _batches(
     """Full batches of rows shuffled within each buffer; leftover rows carry over to the next buffer.
 
     So an epoch of R rows gives exactly max(1, R // batch_size) batches (one short batch if R < batch_size).
+    Batches are gathered where the buffers are: trainers move each buffer to the device once, since on a
+    GPU a gather and copy per batch would cost more than the step.
     """
     leftover: tuple[Tensor, ...] | None = None
     made_one = False
@@ -511,9 +513,11 @@ def train_sae(
     for epoch in range(config.epochs):
         fvu_sum, auxk_sum, batches = 0.0, 0.0, 0
         buffers = _buffers(activations, block, ~heldout, generator, config.shards_in_memory)
-        all_batches = _batches(((tokens.flatten(0, 1),) for tokens, _ in buffers), config.batch_size, generator)
+        all_batches = _batches(
+            ((tokens.flatten(0, 1).to(device),) for tokens, _ in buffers), config.batch_size, generator
+        )
         for index, (x,) in enumerate(all_batches):
-            x = x.to(device, torch.float32)
+            x = x.float()
             if step == 0 and index == 0:
                 sae.b_dec.data.copy_(geometric_median(x, config.median_iterations))
             if index >= batches_per_epoch or index % num_processes != rank:
@@ -833,8 +837,9 @@ def finetune(
     for epoch in bar:
         train_sums, batches = dict.fromkeys(("total", "reconstruction", "supervision", "decorrelation"), 0.0), 0
         buffers = _buffers(activations, block, ~heldout, generator, config.shards_in_memory)
-        for tokens, labels in _batches(buffers, config.batch_size, generator):
-            tokens, labels = tokens.to(device, torch.float32), labels.to(device)
+        on_device = ((tokens.to(device), labels.to(device)) for tokens, labels in buffers)
+        for tokens, labels in _batches(on_device, config.batch_size, generator):
+            tokens = tokens.float()
             loss = supervised_loss(
                 sae, tokens, labels[:, OBJECT], labels[:, STYLE], object_latents, style_latents, config
             )
