@@ -9,8 +9,9 @@ of each, times in alternation:
   encoding every erased token at every step and editing one latent;
 and prints both, their ratio (what the hooked pair costs over plain diffusers), the SAE's own time per
 UNet call, and how far the paired original is from the plain image (0 when the hook is private to the
-erased rows). On a CPU it runs as a smoke test at a tiny size (`--architecture tiny --size 64 --steps 2`);
-only figures from a GPU say anything about speed, and none has been measured yet.
+erased rows). The SAE computes in the UNet's dtype, as `Studio.load` has it. On a CPU it runs as a smoke
+test at a tiny size (`--architecture tiny --size 64 --steps 2`); only a GPU's figures say anything about
+speed (the README's Speed section holds an H100's).
 """
 
 from __future__ import annotations
