@@ -1,5 +1,8 @@
 """Tiny Stable-Diffusion-architecture pipelines built in a few lines, as diffusers' own tests do."""
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
@@ -10,6 +13,15 @@ from saemnesia.worlds import random_pipeline
 torch.set_num_threads(1)
 
 BLOCK = "up_blocks.1.attentions.1"
+
+
+def two_process_environment() -> dict[str, str]:
+    """For `torch.distributed.run` children: this repository first on the path (keeping the caller's),
+    one thread each."""
+    search_path = os.pathsep.join(
+        filter(None, [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH")])
+    )
+    return {**os.environ, "PYTHONPATH": search_path, "OMP_NUM_THREADS": "1"}
 
 
 def make_tiny_pipeline() -> StableDiffusionPipeline:

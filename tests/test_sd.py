@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import two_process_environment
 from diffusers import DDIMScheduler, PNDMScheduler, StableDiffusionPipeline
 from PIL import Image
 from safetensors.torch import save_file
@@ -33,7 +34,6 @@ from saemnesia.train import (
 )
 from saemnesia.worlds import SD_EVAL_STEPS, SD_MODELS, WORLDS, load_pipeline, random_sd_pipeline
 
-REPO = Path(__file__).resolve().parent.parent
 SD = WORLDS["sd"]
 OBJECT_BLOCK, STYLE_BLOCK = "up_blocks.1.attentions.1", "up_blocks.1.attentions.2"
 TINY_SD_WORLD = dataclasses.replace(
@@ -318,7 +318,7 @@ collect(world, random_sd_pipeline("tiny"), sys.argv[1], seeds_per_prompt=3, imag
 def test_two_cpu_processes_collect_the_shards_one_process_makes(tmp_path, tiny_sd):
     script = tmp_path / "collect_two.py"
     script.write_text(COLLECT_SCRIPT)
-    environment = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    environment = two_process_environment()
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     run = subprocess.run(
         [*command, str(script), str(tmp_path / "two")], env=environment, capture_output=True, text=True, timeout=120

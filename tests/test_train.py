@@ -3,15 +3,13 @@
 import dataclasses
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import BLOCK, make_tiny_pipeline, make_tiny_sae
+from conftest import BLOCK, make_tiny_pipeline, make_tiny_sae, two_process_environment
 from safetensors.torch import load_file, save_file
 
 from saemnesia.cli import main
@@ -54,7 +52,6 @@ TINY_WORLD = dataclasses.replace(
     width=16,
     assets=None,
 )
-REPO = Path(__file__).resolve().parent.parent
 SHARD_SETTINGS = {"seeds_per_prompt": 2, "images_per_shard": 8}  # 2 x 2 x 3 prompts x 2 seeds = 24 images
 FAST_SAE = SaeTrainConfig(expansion_factor=4, k=8, batch_size=256, epochs=10, lr=3e-3, holdout=0.2)
 
@@ -269,7 +266,7 @@ if processes.is_main_process:
 def test_two_cpu_processes_train_one_sae_on_half_the_batches_each(activations, tmp_path):
     script = tmp_path / "train_two.py"
     script.write_text(TRAIN_SCRIPT)
-    environment = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    environment = two_process_environment()
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
     run = subprocess.run(
         [*command, str(activations.folder), BLOCK, str(tmp_path)], env=environment, capture_output=True, text=True
