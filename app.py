@@ -20,14 +20,13 @@ import gradio as gr  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
+from saemnesia.evaluate import DEFAULT_STRENGTH, benchmark_results, setting_or_default  # noqa: E402
 from saemnesia.heatmaps import mask_overlay, overlay, upscale  # noqa: E402
 from saemnesia.studio import Studio  # noqa: E402
 from saemnesia.worlds import WORLDS  # noqa: E402
 
 DISPLAY = 256
 METHOD_CHOICES = {"SAEmnesia": ["saemnesia"], "SAeUron (baseline)": ["saeuron"], "Both": ["saemnesia", "saeuron"]}
-DEFAULT_STRENGTH = -10.0
-"""Where the benchmark tuned nothing for the chosen concepts (e.g. a world without cached results)."""
 
 ABOUT = """
 **SAEmnesia** ([Cassano et al., ICML 2026, arXiv 2509.21379](https://arxiv.org/abs/2509.21379)) erases a
@@ -76,9 +75,10 @@ def load_results(world) -> dict:
     results = {}
     if world.assets is None:
         return results
-    candidates = [world.assets / "results" / f"evaluation{suffix}.json" for suffix in ("", "-standard", "-quick")]
+    benchmark = benchmark_results(world)
+    if benchmark is not None:
+        results["benchmark"] = benchmark
     for name, path in {
-        "benchmark": next((path for path in candidates if path.is_file()), candidates[0]),
         "quality": world.assets / "quality.json",
         "attack": world.assets / "results" / "attack.json",
         "centralisation_object": world.sae_folder("supervised", "object") / "centralisation.json",
@@ -115,14 +115,8 @@ def build_app(studio: Studio, classifier=None) -> gr.Blocks:
 def tuned_settings(benchmark: dict | None, concepts: list[str]) -> tuple[float, float, int]:
     """SAEmnesia's strength, SAeUron's strength and SAeUron's latents per step, as the benchmark tuned them
     for erasing `concepts`: the two methods work at different scales, so a fair side by side needs both."""
-    from saemnesia.evaluate import tuned_setting
-
-    ours, theirs = (tuned_setting(benchmark or {}, method, concepts or []) for method in ("saemnesia", "saeuron"))
-    return (
-        ours.strength if ours else DEFAULT_STRENGTH,
-        theirs.strength if theirs else DEFAULT_STRENGTH,
-        theirs.features_per_step if theirs else 1,
-    )
+    ours, theirs = (setting_or_default(benchmark, method, concepts or []) for method in ("saemnesia", "saeuron"))
+    return ours.strength, theirs.strength, theirs.features_per_step
 
 
 def erase_tab(studio: Studio, classifier, last_run: gr.State, benchmark: dict | None) -> None:

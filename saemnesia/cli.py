@@ -112,17 +112,20 @@ def _add_classifier_world_arguments(parser: argparse.ArgumentParser) -> None:
 def _generate(args: argparse.Namespace) -> None:
     import json
 
+    from saemnesia.evaluate import benchmark_results, setting_or_default
+
     studio = _load_studio(args)
+    tuned = setting_or_default(benchmark_results(studio.world), args.method, args.erase)
     result = studio.erase(
         [args.prompt],
         args.erase,
         method=args.method,
-        strength=args.strength,
+        strength=tuned.strength if args.strength is None else args.strength,
         seed=args.seed,
         steps=args.steps,
         guidance=args.guidance,
         start_step=args.start_step,
-        features_per_step=args.features_per_step,
+        features_per_step=tuned.features_per_step if args.features_per_step is None else args.features_per_step,
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -496,8 +499,14 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--prompt", required=True)
     generate.add_argument("--erase", action="append", default=[], metavar="CONCEPT", help="repeat for several")
     generate.add_argument("--method", choices=["saemnesia", "saeuron"], default="saemnesia")
-    generate.add_argument("--strength", type=float, default=-10.0, help="gamma, negative (default -10)")
-    generate.add_argument("--features-per-step", type=int, default=1, help="SAeUron only: latents per step")
+    generate.add_argument(
+        "--strength",
+        type=float,
+        help="gamma, negative (default: the benchmark's tuned one for these concepts, else -10)",
+    )
+    generate.add_argument(
+        "--features-per-step", type=int, help="SAeUron only: latents per step (default: tuned, else 1)"
+    )
     generate.add_argument("--start-step", type=int, default=0)
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--steps", type=int, help="default: the world's")
@@ -681,7 +690,7 @@ def build_parser() -> argparse.ArgumentParser:
     attack.add_argument("--seeds", type=int, nargs="+", default=[60_000, 60_001], help="noise seeds, the cases")
     attack.add_argument("--seed", type=int, default=0, help="the search's random draws")
     attack.add_argument(
-        "--evaluation", help="`evaluate` results with tuned strengths (default: the world's evaluation.json)"
+        "--evaluation", help="`evaluate` results with tuned strengths (default: the world's, full run first)"
     )
     attack.add_argument("--strength", type=float, default=-10.0, help="for concepts without a tuned strength")
     attack.add_argument("--features-per-step", type=int, default=1, help="SAeUron, without a tuned setting")
@@ -694,17 +703,20 @@ def _attack(args: argparse.Namespace) -> None:
     import json
 
     from saemnesia.attack import attack_table, run_attacks
+    from saemnesia.evaluate import benchmark_results
     from saemnesia.minicanvas.classifier import load_classifier
 
+    if args.evaluation and not Path(args.evaluation).is_file():
+        raise FileNotFoundError(f"No evaluation results at '{args.evaluation}': run `evaluate` or drop --evaluation.")
     studio = _load_studio(args)
     classifier = load_classifier(args.classifier or studio.world.assets / "classifier", device=studio.pipeline.device)
-    evaluation = Path(args.evaluation) if args.evaluation else studio.world.assets / "results" / "evaluation.json"
+    evaluation = json.loads(Path(args.evaluation).read_text()) if args.evaluation else benchmark_results(studio.world)
     results = run_attacks(
         studio,
         classifier,
         args.concepts or list(studio.world.objects),
         args.methods,
-        json.loads(evaluation.read_text()) if evaluation.is_file() else None,
+        evaluation,
         strength=args.strength,
         features_per_step=args.features_per_step,
         iterations=args.iterations,

@@ -90,6 +90,8 @@ on most of its concept's tokens: on MiniCanvas its mu is ~10x larger, so the pap
 wipes out neighbouring objects. Both methods search these same 7 values, which keep the paper's two ends
 (-1 and -30) and its number of trials.
 """
+DEFAULT_STRENGTH = -10.0
+"""For an erasure the benchmark tuned nothing for (the SD world, a world without cached results)."""
 KINDS = ("object", "style")
 TABLE1_METRICS = ("ua", "ira", "cra")
 METRICS = (*TABLE1_METRICS, "cra_erased")
@@ -214,6 +216,24 @@ def tuned_setting(results: Mapping, method: str, concepts: Sequence[str]) -> Set
         if c in tuned
     ]
     return joint_setting(method, settings) if settings else None
+
+
+def setting_or_default(results: Mapping | None, method: str, concepts: Sequence[str]) -> Setting:
+    """`tuned_setting`, else `DEFAULT_STRENGTH` with one latent a step: what the app and `generate` use
+    unless told otherwise. The two methods work at different scales (MiniCanvas's objects want -0.1 to
+    -1 from SAEmnesia; -10 there leaves noise), so a tuned strength is the only sensible default."""
+    return tuned_setting(results or {}, method, concepts) or Setting(method, DEFAULT_STRENGTH, 1)
+
+
+def benchmark_results(world: World) -> dict | None:
+    """The world's cached `evaluate` results: the full protocol's, else the standard's, else the quick one's."""
+    if world.assets is None:
+        return None
+    for protocol in ("full", "standard", "quick"):
+        path = result_paths(world.assets / "results", protocol)["json"]
+        if path.is_file():
+            return json.loads(path.read_text())
+    return None
 
 
 def search_grid(method: str, strengths: Sequence[float], saeuron_features: Sequence[int]) -> list[Setting]:

@@ -153,3 +153,11 @@ def test_attack_command_writes_json_with_tuned_strengths_and_resumes(studio, mon
     monkeypatch.setattr(attack_module, "attack", lambda *args, **kwargs: pytest.fail("nothing to attack"))
     cli.main(command)
     assert json.loads(out.read_text())["methods"] == written["methods"]
+
+
+def test_attack_command_refuses_a_missing_evaluation_file_before_loading_anything(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(cli, "_load_studio", lambda args: pytest.fail("a refused command must load nothing"))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["attack", "--evaluation", str(tmp_path / "missing.json"), "--out", str(tmp_path / "attack.json")])
+    assert exit_info.value.code == 2 and "run `evaluate` or drop --evaluation" in capsys.readouterr().err
+    assert not (tmp_path / "attack.json").exists()

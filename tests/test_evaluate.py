@@ -14,6 +14,7 @@ from saemnesia import evaluate as evaluate_module
 from saemnesia.cli import build_parser
 from saemnesia.concepts import ConceptDictionary, ConceptStats
 from saemnesia.evaluate import (
+    DEFAULT_STRENGTH,
     FULL,
     QUICK,
     SAEURON_FEATURES,
@@ -334,3 +335,22 @@ def test_tuned_setting_joins_the_concepts_settings_as_sequential_erasure_does():
     assert tuned_setting(results, "saemnesia", ["circle", "star", "neon"]) == Setting("saemnesia", -3.0, 1)
     assert tuned_setting(results, "saeuron", ["circle", "star", "unseen"]) == Setting("saeuron", -30.0, 1)
     assert tuned_setting(results, "saeuron", ["neon"]) is None and tuned_setting({}, "saemnesia", ["star"]) is None
+
+
+def test_generate_defaults_to_the_benchmarks_tuned_strength(monkeypatch, tmp_path):
+    studio = tiny_studio()
+    monkeypatch.setattr(cli, "_load_studio", lambda args: studio)
+
+    def generate_settings(*extra: str) -> dict:
+        out = tmp_path / "out"
+        cli.main(["generate", "--prompt=a star in ocean style", "--erase=star", "--steps=1", f"--out={out}", *extra])
+        return json.loads((out / "settings.json").read_text())["erasures"][0]
+
+    assert generate_settings()["strength"] == DEFAULT_STRENGTH  # a world without results
+    studio.world = dataclasses.replace(studio.world, assets=tmp_path / "assets")
+    tuned = {"chosen": {"strength": -0.3, "features_per_step": 1}}
+    results = {"methods": {"saemnesia": {"concepts": {"star": tuned}}}}
+    result_paths(tmp_path / "assets" / "results", "quick")["json"].parent.mkdir(parents=True)
+    result_paths(tmp_path / "assets" / "results", "quick")["json"].write_text(json.dumps(results))
+    assert generate_settings()["strength"] == -0.3
+    assert generate_settings("--strength=-2")["strength"] == -2.0

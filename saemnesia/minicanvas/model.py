@@ -33,6 +33,16 @@ logger = logging.getLogger(__name__)
 TEXT_WIDTH = 128
 
 
+def _not_the_expected_vae_type_warning(record: logging.LogRecord) -> bool:
+    """diffusers warns at every load that the pipeline's vae is not an `AutoencoderKL`; for MiniCanvas
+    that is by design (see `PixelUnshuffleAutoencoder`), so the warning would only alarm users."""
+    message = record.getMessage()
+    return not (message.startswith("Expected types for vae") and "PixelUnshuffleAutoencoder" in message)
+
+
+logging.getLogger("diffusers.pipelines.pipeline_utils").addFilter(_not_the_expected_vae_type_warning)
+
+
 class PixelUnshuffleAutoencoder(ModelMixin, ConfigMixin):
     """An exact autoencoder for pixel-space diffusion: latents are the image's 2 x 2 pixel blocks.
 
