@@ -350,7 +350,8 @@ def test_generate_defaults_to_the_benchmarks_tuned_strength(monkeypatch, tmp_pat
     studio.world = dataclasses.replace(studio.world, assets=tmp_path / "assets")
     tuned = {"chosen": {"strength": -0.3, "features_per_step": 1}}
     results = {"methods": {"saemnesia": {"concepts": {"star": tuned}}}}
-    result_paths(tmp_path / "assets" / "results", "quick")["json"].parent.mkdir(parents=True)
-    result_paths(tmp_path / "assets" / "results", "quick")["json"].write_text(json.dumps(results))
+    quick_results = result_paths(tmp_path / "assets" / "results", "quick")["json"]
+    quick_results.parent.mkdir(parents=True)
+    quick_results.write_text(json.dumps(results))
     assert generate_settings()["strength"] == -0.3
     assert generate_settings("--strength=-2")["strength"] == -2.0
