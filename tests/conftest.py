@@ -1,5 +1,6 @@
 """Tiny Stable-Diffusion-architecture pipelines built in a few lines, as diffusers' own tests do."""
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from saemnesia.sae import Sae, SaeConfig
-from saemnesia.worlds import random_pipeline
+from saemnesia.worlds import MINICANVAS, World, random_pipeline
 
 torch.set_num_threads(1)
 
@@ -52,26 +53,34 @@ def tiny_sae() -> Sae:
     return make_tiny_sae()
 
 
+def make_tiny_world(**changes) -> World:
+    """MiniCanvas cut down for the tiny pipeline: 3 objects x 2 styles, 2 steps at 16 x 16, no assets."""
+    settings = {
+        "name": "tiny",
+        "model": "tiny-in-memory",
+        "object_block": "up_blocks.1.attentions.0",
+        "style_block": "up_blocks.1.attentions.1",
+        "objects": ("circle", "square", "star"),
+        "styles": ("sunset", "ocean"),
+        "steps": 2,
+        "height": 16,
+        "width": 16,
+        "assets": None,
+    }
+    return dataclasses.replace(MINICANVAS, **{**settings, **changes})
+
+
 def make_tiny_studio():
     """A Studio on the tiny pipeline: 3 objects x 2 styles, SAEs on two blocks with synthetic statistics."""
-    from dataclasses import replace
-
     from saemnesia.concepts import ConceptStats, build_dictionary
     from saemnesia.generate import sampler_timesteps
     from saemnesia.studio import SaeBundle, Studio
-    from saemnesia.worlds import MINICANVAS
 
-    world = replace(
-        MINICANVAS,
+    world = make_tiny_world(
         objects=("star", "circle", "heart"),
         styles=("neon", "sketch"),
         object_block="up_blocks.1.attentions.1",
         style_block="up_blocks.1.attentions.0",
-        steps=2,
-        height=16,
-        width=16,
-        assets=None,
-        model="tiny",
     )
     pipeline = make_tiny_pipeline()
     timesteps = torch.tensor(sampler_timesteps(pipeline, world.steps))

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_pipeline, make_tiny_sae
+from conftest import make_tiny_pipeline, make_tiny_sae, make_tiny_world
 from PIL import Image
 
 from saemnesia import cli
@@ -42,19 +42,7 @@ from saemnesia.minicanvas.classifier import ClassifierConfig, MiniCanvasClassifi
 from saemnesia.studio import SaeBundle, Studio
 from saemnesia.worlds import MINICANVAS
 
-TINY_WORLD = dataclasses.replace(
-    MINICANVAS,
-    name="tiny",
-    model="tiny-in-memory",
-    object_block="up_blocks.1.attentions.0",
-    style_block="up_blocks.1.attentions.1",
-    objects=("circle", "square", "star"),
-    styles=("sunset", "ocean"),
-    steps=2,
-    height=16,
-    width=16,
-    assets=None,
-)
+TINY_WORLD = make_tiny_world()
 
 
 def judged(asked: str, seen: str, seed: int = 0) -> Judged:

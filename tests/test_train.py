@@ -1,6 +1,5 @@
 """Making the SAEs on tiny models: collection, SAeUron training, statistics, SAEmnesia fine-tuning."""
 
-import dataclasses
 import json
 import math
 import shutil
@@ -9,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import BLOCK, make_tiny_pipeline, make_tiny_sae, two_process_environment
+from conftest import BLOCK, make_tiny_pipeline, make_tiny_sae, make_tiny_world, two_process_environment
 from safetensors.torch import load_file, save_file
 
 from saemnesia.cli import main
@@ -37,21 +36,8 @@ from saemnesia.train import (
     train_sae,
     write_centralisation,
 )
-from saemnesia.worlds import MINICANVAS
 
-TINY_WORLD = dataclasses.replace(
-    MINICANVAS,
-    name="tiny",
-    model="tiny-in-memory",
-    object_block="up_blocks.1.attentions.0",
-    style_block="up_blocks.1.attentions.1",
-    objects=("circle", "square"),
-    styles=("sunset", "ocean"),
-    steps=2,
-    height=16,
-    width=16,
-    assets=None,
-)
+TINY_WORLD = make_tiny_world(objects=("circle", "square"))
 SHARD_SETTINGS = {"seeds_per_prompt": 2, "images_per_shard": 8}  # 2 x 2 x 3 prompts x 2 seeds = 24 images
 FAST_SAE = SaeTrainConfig(expansion_factor=4, k=8, batch_size=256, epochs=10, lr=3e-3, holdout=0.2)
 
