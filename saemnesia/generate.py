@@ -20,7 +20,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from torch import Tensor
 
-from saemnesia.erase import Erasure, PreparedEdit, apply_step_edit, edited_latent_codes, token_changes
+from saemnesia.erase import EditEncoder, Erasure, PreparedEdit, apply_step_edit, rank_counted_changes
 from saemnesia.hooks import block_width, hooked_block
 from saemnesia.sae import EncoderOutput, Sae
 
@@ -120,13 +120,14 @@ def _block_edit(
 
     step_edits = [hook.erasure.at(step, t) if hook.erasure is not None else None for step, t in enumerate(timesteps)]
     step_edits = [None if e is None else PreparedEdit.of(hook.sae, e) for e in step_edits]
+    encoder = EditEncoder.of(hook.sae) if hook.erasure is not None and not hook.record else None
 
     def edit(hidden: Tensor, step: int) -> Tensor:
         step_edit = step_edits[step]
         if step_edit is None and not hook.record:
             return hidden
         if not hook.record:
-            return _edit_erased_rows(hook.sae, hidden, batch, originals, step_edit)
+            return _edit_erased_rows(encoder, hidden, batch, originals, step_edit)
         rows, channels, h, w = hidden.shape
         tokens = hidden.permute(0, 2, 3, 1).reshape(rows, h * w, channels)
         erased_rows = [r for r in range(rows) if r % batch >= originals]
@@ -148,7 +149,9 @@ def _block_edit(
     return edit
 
 
-def _edit_erased_rows(sae: Sae, hidden: Tensor, batch: int, originals: int, step_edit: PreparedEdit) -> Tensor:
+def _edit_erased_rows(
+    encoder: EditEncoder, hidden: Tensor, batch: int, originals: int, step_edit: PreparedEdit
+) -> Tensor:
     """The edit with nothing recorded, at the least work per step.
 
     Only the erased rows' tokens are gathered and encoded, and only the edited latents' codes are
@@ -158,7 +161,7 @@ def _edit_erased_rows(sae: Sae, hidden: Tensor, batch: int, originals: int, step
     edited = hidden.clone()
     erased = edited.unflatten(0, (rows // batch, batch))[:, originals:]  # [guidance halves, erased, C, h, w]
     tokens = erased.permute(0, 1, 3, 4, 2).reshape(-1, channels)
-    change, _ = token_changes(edited_latent_codes(sae, tokens, step_edit.latents), step_edit)
+    change = rank_counted_changes(encoder, tokens, step_edit)
     erased += change.view(*erased.shape[:2], h, w, channels).permute(0, 1, 4, 2, 3)
     return edited
 

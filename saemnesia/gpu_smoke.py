@@ -25,7 +25,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from saemnesia.concepts import ConceptDictionary, ConceptStats
-from saemnesia.erase import PreparedEdit, apply_step_edit, saemnesia_erasure
+from saemnesia.erase import EditEncoder, PreparedEdit, rank_counted_changes, saemnesia_erasure
 from saemnesia.generate import SaeHook, generate_pairs, initial_noise, sampler_timesteps
 from saemnesia.hooks import block_width
 from saemnesia.sae import Sae, SaeConfig
@@ -92,9 +92,10 @@ def gpu_smoke(
     tokens = torch.randn(rows * grid * grid, block_width(pipeline.unet, block), device=device)
     tokens = tokens.to(pipeline.unet.dtype)
     step_edit = PreparedEdit.of(sae, hook.erasure.at(0, hook.erasure.timesteps[0]))
+    encoder = EditEncoder.of(sae)
 
     def sae_call() -> None:
-        apply_step_edit(tokens, sae.encode(tokens), step_edit)
+        rank_counted_changes(encoder, tokens, step_edit)
 
     for run in (plain, paired, sae_call):
         _timed(run, device)

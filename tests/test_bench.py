@@ -8,8 +8,9 @@ import torch
 from conftest import make_tiny_sae
 
 from saemnesia import cli
-from saemnesia.erase import Erasure, StepEdit, edited_latent_codes
+from saemnesia.erase import EditEncoder, Erasure, PreparedEdit, StepEdit, apply_step_edit, rank_counted_changes
 from saemnesia.generate import SaeHook, _block_edit
+from saemnesia.sae import Sae
 from saemnesia.worlds import MINICANVAS
 
 PAIR_ROWS = [
@@ -48,22 +49,32 @@ def test_quick_bench_reports_every_row_with_positive_finite_ratios(tmp_path, cap
     assert "machine:" in printed and "result" in printed
 
 
-def test_rank_counted_codes_equal_the_top_k_codes():
+def sae_with_biases() -> Sae:
     sae = make_tiny_sae()
+    sae.b_dec.data.normal_()
+    sae.encoder.bias.data.normal_(0.0, 0.1)
+    return sae
+
+
+def test_rank_counted_changes_equal_the_top_k_edit():
+    sae = sae_with_biases()
     tokens = torch.randn(200, sae.d_in)
     codes = sae.encode(tokens)
     latents = torch.tensor([int(codes.top_indices[0, 0]), int(codes.top_indices[1, 3]), 7])
-    from_top_k = (codes.top_acts.unsqueeze(-1) * (codes.top_indices.unsqueeze(-1) == latents)).sum(-2)
-    assert torch.equal(edited_latent_codes(sae, tokens, latents), from_top_k)
+    step = StepEdit(latents, torch.tensor([-5.0, -2.0, -1.0]), torch.tensor([0.0, 0.1, -1.0]))
+    edit = PreparedEdit.of(sae, step)
+    from_top_k, mask = apply_step_edit(tokens, codes, edit)
+    assert mask.sum() >= 2
+    torch.testing.assert_close(tokens + rank_counted_changes(EditEncoder.of(sae), tokens, edit), from_top_k)
 
 
-def test_edit_without_recording_gives_the_recorded_edit_exactly():
-    sae = make_tiny_sae()
+def test_edit_without_recording_gives_the_recorded_edit():
+    sae = sae_with_biases()
     hidden = torch.randn(6, sae.d_in, 4, 4)  # guidance halves of 3 rows: 1 original, 2 erased
     latent = int(sae.encode(hidden[4].flatten(1).T).top_indices[0, 0])
     step = StepEdit(torch.tensor([latent]), torch.tensor([-5.0]), torch.tensor([0.0]))
     erasure = Erasure(("star",), "saemnesia", -5.0, (step,), torch.tensor([500]))
     edits = [_block_edit(SaeHook("block", sae, erasure, record), 3, 1, [500], []) for record in (False, True)]
     fast, recorded = (edit(hidden, 0) for edit in edits)
-    assert torch.equal(fast, recorded)
+    torch.testing.assert_close(fast, recorded)
     assert not torch.equal(fast[4], hidden[4]) and torch.equal(fast[[0, 3]], hidden[[0, 3]])

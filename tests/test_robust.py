@@ -34,7 +34,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import app as studio_app
-from saemnesia import cli
+from saemnesia import cli, generate
 from saemnesia.concepts import ConceptStats, build_dictionary
 from saemnesia.generate import model_lock, sampler_timesteps
 from saemnesia.hooks import get_block
@@ -522,10 +522,9 @@ def fail_on_second_call(function: Callable, error: BaseException) -> Callable:
 
 
 def hook_error(patch: pytest.MonkeyPatch, studio: Studio) -> BaseException:
-    """The style SAE (REQUESTS[0] erases a style) fails as the hook encodes the second step's tokens."""
+    """The SAE edit (REQUESTS[0] erases a style) fails as the hook encodes the second step's tokens."""
     error = RuntimeError("fault inside the SAE hook")
-    sae = studio.bundles["saemnesia", "style"].sae
-    patch.setattr(sae, "pre_activations", fail_on_second_call(sae.pre_activations, error))
+    patch.setattr(generate, "rank_counted_changes", fail_on_second_call(generate.rank_counted_changes, error))
     return error
 
 
