@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 from torch.utils.flop_counter import FlopCounterMode
 
 from saemnesia.concepts import ConceptStats, build_dictionary
-from saemnesia.erase import saemnesia_erasure
+from saemnesia.erase import EditEncoder, saemnesia_erasure
 from saemnesia.generate import SaeHook, _block_edit, generate_pairs, initial_noise, sampler_timesteps
 from saemnesia.hooks import block_width, hooked_block
 from saemnesia.sae import Sae, SaeConfig
@@ -322,8 +322,9 @@ def sae_share_rows(subject: Subject, repeats: int, device: torch.device) -> list
         rows, channels = block_output.shape[:2]
         erased_rows = block_output.unflatten(0, (rows // images, images))[:, originals:]
         tokens = erased_rows.permute(0, 1, 3, 4, 2).reshape(-1, channels)
+        encoder = EditEncoder.of(hook.sae)
         encoder_times = time_in_turn(
-            {"unet": unet_call, "encoder": lambda: hook.sae.pre_activations(tokens)}, repeats, device
+            {"unet": unet_call, "encoder": lambda: encoder.pre_activations(tokens)}, repeats, device
         )
     erased_tokens = len(tokens)
     encoder_macs = erased_tokens * hook.sae.d_in * hook.sae.num_latents
