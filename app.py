@@ -56,14 +56,22 @@ def default_concept(world) -> str:
     return world.objects[3 % len(world.objects)]
 
 
-def verdict_rows(classifier, images: dict) -> str:
-    """A markdown table of the classifier's verdict on each named image (empty without a classifier)."""
+def verdicts(classifier, images: list) -> list | None:
+    """The MiniCanvas classifier's verdict on each image (None without a classifier)."""
     if classifier is None or not images:
-        return ""
+        return None
     from saemnesia.minicanvas.classifier import classify
 
+    return classify(classifier, images)
+
+
+def verdict_rows(classifier, images: dict) -> str:
+    """A markdown table of the classifier's verdict on each named image (empty without a classifier)."""
+    seen = verdicts(classifier, list(images.values()))
+    if seen is None:
+        return ""
     lines = ["| image | object seen | style seen |", "|---|---|---|"]
-    for name, verdict in zip(images, classify(classifier, list(images.values()))):
+    for name, verdict in zip(images, seen):
         lines.append(
             f"| {name} | {verdict.object} ({verdict.object_prob:.0%}) | {verdict.style} ({verdict.style_prob:.0%}) |"
         )
@@ -163,6 +171,38 @@ def erase_tab(studio: Studio, classifier, last_run: gr.State, benchmark: dict | 
         api_name=False,
     )
 
+    def run_method(name, prompts, concepts, settings, record=False, include_originals=True):
+        """One method's images for `prompts` at the shared settings, errors as messages for the visitor."""
+        strength, seed, steps, guidance, start_step, features, saeuron_strength = settings
+        try:
+            return studio.erase(
+                prompts,
+                concepts,
+                method=name,
+                strength=saeuron_strength if name == "saeuron" else strength,
+                seed=whole_as_int(seed),
+                steps=whole_as_int(steps),
+                guidance=guidance,
+                start_step=whole_as_int(start_step),
+                features_per_step=whole_as_int(features),
+                record=record,
+                include_originals=include_originals,
+            )
+        except (ValueError, KeyError) as error:
+            raise gr.Error(str(error), print_exception=False) from None
+        except torch.OutOfMemoryError:
+            raise gr.Error("The server ran out of memory for this request: try again, or with fewer steps.") from None
+
+    def checked(prompt, concepts, method):
+        methods = METHOD_CHOICES.get(method) if isinstance(method, str) else None
+        if methods is None:
+            raise gr.Error(f"method must be one of {', '.join(METHOD_CHOICES)}, got {method!r}.", print_exception=False)
+        try:
+            prompt, prompt_warning = studio.check_prompt(prompt)
+            return prompt, prompt_warning, studio.check_concepts(concepts or []), methods
+        except (ValueError, KeyError) as error:
+            raise gr.Error(str(error), print_exception=False) from None
+
     def erase(
         prompt,
         concepts,
@@ -176,60 +216,66 @@ def erase_tab(studio: Studio, classifier, last_run: gr.State, benchmark: dict | 
         saeuron_strength=DEFAULT_STRENGTH,
         progress=gr.Progress(),
     ):
-        """`strength` is SAEmnesia's and `saeuron_strength` SAeUron's (last, so gradio_client scripts that
-        predate it keep working, the client filling in the slider's value)."""
-        methods = METHOD_CHOICES.get(method) if isinstance(method, str) else None
-        if methods is None:
-            raise gr.Error(f"method must be one of {', '.join(METHOD_CHOICES)}, got {method!r}.", print_exception=False)
-        try:
-            prompt, prompt_warning = studio.check_prompt(prompt)
-            concepts = studio.check_concepts(concepts or [])
-            prompts = [prompt] + studio.neighbour_prompts(prompt, concepts)
-            started, runs = time.perf_counter(), {}
-            for index, name in enumerate(methods):
-                progress(index / len(methods), desc=f"Generating with {name}")
-                runs[name] = studio.erase(
-                    prompts,
-                    concepts,
-                    method=name,
-                    strength=saeuron_strength if name == "saeuron" else strength,
-                    seed=whole_as_int(seed),
-                    steps=whole_as_int(steps),
-                    guidance=guidance,
-                    start_step=whole_as_int(start_step),
-                    features_per_step=whole_as_int(features),
-                    record=True,
-                )
-        except (ValueError, KeyError) as error:
-            raise gr.Error(str(error), print_exception=False) from None
-        except torch.OutOfMemoryError:
-            raise gr.Error("The server ran out of memory for this request: try again, or with fewer steps.") from None
+        """The pair (and the other method's erased image with Both), codes recorded for Inspect. `strength` is
+        SAEmnesia's and `saeuron_strength` SAeUron's (last, so gradio_client scripts that predate it keep
+        working, the client filling in the slider's value)."""
+        prompt, prompt_warning, concepts, methods = checked(prompt, concepts, method)
+        settings = (strength, seed, steps, guidance, start_step, features, saeuron_strength)
+        started, runs = time.perf_counter(), {}
+        for index, name in enumerate(methods):
+            progress(index / len(methods), desc=f"Generating with {name}")
+            runs[name] = run_method(name, [prompt], concepts, settings, record=True)
         elapsed = time.perf_counter() - started
         first = runs[methods[0]]
         original = first.originals[0]
         shown = {"original": original} | {f"erased ({name})": result.erased[0] for name, result in runs.items()}
-        neighbours = {f"“{text}” erased": first.erased[i] for i, text in enumerate(first.prompts[1:], start=1)}
         gallery = [(upscale(image, DISPLAY), name) for name, image in shown.items()]
-        neighbour_panes = [(upscale(image, DISPLAY), name) for name, image in neighbours.items()]
-        notes = [f"{len(methods) * 2 * len(prompts)} images in {elapsed:.1f} s · seed {int(seed)}"]
+        notes = [f"{len(methods) * 2} images in {elapsed:.1f} s · seed {int(seed)}"]
         notes += [f"⚠️ {prompt_warning}"] if prompt_warning else []
-        notes.append(verdict_rows(classifier, shown | neighbours))
+        notes.append(verdict_rows(classifier, shown))
         state = {"runs": runs, "concepts": concepts, "settings": first.settings}
-        return (
-            (upscale(original, DISPLAY), upscale(first.erased[0], DISPLAY)),
-            gallery,
-            neighbour_panes,
-            "\n\n".join(notes),
-            state,
-        )
+        return (upscale(original, DISPLAY), upscale(first.erased[0], DISPLAY)), gallery, "\n\n".join(notes), state
 
+    def erase_neighbours(
+        prompt,
+        concepts,
+        method,
+        strength,
+        seed,
+        steps,
+        guidance,
+        start_step,
+        features,
+        saeuron_strength=DEFAULT_STRENGTH,
+        progress=gr.Progress(),
+    ):
+        """The first method's erasure on the prompt with the erased concept swapped for others: what must
+        survive. Its own event, after the pair, so the visitor sees the pair without waiting for these."""
+        prompt, _, concepts, methods = checked(prompt, concepts, method)
+        prompts = studio.neighbour_prompts(prompt, concepts)
+        if not prompts:
+            return []
+        progress(0, desc="Erasing from the neighbours")
+        settings = (strength, seed, steps, guidance, start_step, features, saeuron_strength)
+        erased = run_method(methods[0], prompts, concepts, settings, include_originals=False).erased
+        captions = [f"“{text}” erased" for text in prompts]
+        seen = verdicts(classifier, erased)
+        if seen is not None:  # the kind the neighbours differ in: the erased concept's
+            kind = studio.world.kind_of(concepts[0])
+            captions = [
+                f"{caption} · seen: {getattr(v, kind)} ({getattr(v, f'{kind}_prob'):.0%})"
+                for caption, v in zip(captions, seen)
+            ]
+        return [(upscale(image, DISPLAY), caption) for image, caption in zip(erased, captions)]
+
+    inputs = [prompt, concepts, method, strength, seed, steps, guidance, start_step, features, saeuron_strength]
     run.click(
         erase,
-        [prompt, concepts, method, strength, seed, steps, guidance, start_step, features, saeuron_strength],
-        [slider, panes, neighbours, status, last_run],
+        inputs,
+        [slider, panes, status, last_run],
         api_name="erase",
         preprocess=False,  # raw values reach the Studio, whose checks name the field (gradio's do not)
-    )
+    ).success(erase_neighbours, inputs, neighbours, api_name="neighbours", preprocess=False)
 
 
 def inspect_tab(studio: Studio, last_run: gr.State) -> None:

@@ -388,7 +388,7 @@ def app_rows(pipeline: StableDiffusionPipeline, steps: int, repeats: int, device
     world = MINICANVAS
     concept = world.objects[0]
     prompt = world.prompt(concept, world.styles[0])
-    started, first_pair = [], []
+    started, first_pair, neighbours = [], [], []
     with tempfile.TemporaryDirectory() as scratch:
         arguments, source = ["--device", device], "the world's SAE"
         if trained_sae_folder(world) is None:
@@ -420,11 +420,13 @@ def app_rows(pipeline: StableDiffusionPipeline, steps: int, repeats: int, device
                 _wait_until_ready(url, process, log)
                 started.append(time.perf_counter() - start)
                 client = Client(url, verbose=False)
+                request = (prompt, [concept], "SAEmnesia", STRENGTH, SEED, steps, world.guidance, 0, 1)
                 start = time.perf_counter()
-                client.predict(
-                    prompt, [concept], "SAEmnesia", STRENGTH, SEED, steps, world.guidance, 0, 1, api_name="/erase"
-                )
+                client.predict(*request, api_name="/erase")
                 first_pair.append(time.perf_counter() - start)
+                start = time.perf_counter()
+                client.predict(*request, api_name="/neighbours")  # what the page asks for once the pair is shown
+                neighbours.append(time.perf_counter() - start)
             finally:
                 process.terminate()
                 try:
@@ -432,10 +434,11 @@ def app_rows(pipeline: StableDiffusionPipeline, steps: int, repeats: int, device
                 except subprocess.TimeoutExpired:
                     process.kill()
                     process.wait()
-    note = f"the app's whole /erase: '{prompt}' and its neighbour prompts, erase {concept}, {steps} steps; {source}"
+    note = f"'{prompt}', erase {concept}, {steps} steps, codes recorded for Inspect; {source}"
     return [
         Row("app", "app start to ready (HTTP 200)", "s", started),
         Row("app", "first pair via gradio_client /erase", "s", first_pair, note=note),
+        Row("app", "then the neighbours via /neighbours", "s", neighbours, note="erased images only"),
     ]
 
 

@@ -291,6 +291,7 @@ def _finetune(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         patience=args.patience,
         holdout=args.holdout,
+        concept_weight=args.concept_weight,
         seed=args.seed,
     )
     sae, report = finetune(Sae.load(source, args.device or default_device()), activations, block, dictionary, config)
@@ -582,6 +583,9 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--batch-size", type=int, default=128, help="images (one step each) per batch")
     finetune.add_argument("--patience", type=int, default=5)
     finetune.add_argument("--holdout", type=float, default=0.2, help="share of images held out for early stopping")
+    finetune.add_argument(
+        "--concept-weight", type=float, default=3.0, help="weight of the supervision term (the paper's 3.0)"
+    )
     finetune.add_argument("--seed", type=int, default=0)
     finetune.set_defaults(run=_finetune)
 

@@ -1,4 +1,6 @@
-"""A bounded load test of the Studio app: K clients at once, N erase requests each, through gradio_client.
+"""A bounded load test of the Studio app: K clients at once, N Erase clicks each, through gradio_client.
+
+A click is what the page sends: `/erase` (the pair), then `/neighbours` once the pair has come back.
 
     python -m saemnesia loadtest [--url URL [--pid PID]] [--clients 4] [--requests 5] [--steps 4]
 
@@ -99,9 +101,10 @@ def _measure(sessions: list[Client], requests: int, request: dict, pid: int | No
         start.wait()
         for number in range(requests):
             began = time.perf_counter()
-            job = client.submit(**request, seed=index * requests + number, api_name="/erase")
             try:
-                job.result(timeout=timeout)
+                for endpoint in ("/erase", "/neighbours"):
+                    job = client.submit(**request, seed=index * requests + number, api_name=endpoint)
+                    job.result(timeout=timeout)
                 outcome, message = "ok", None
             except QueueError as error:
                 outcome, message = "busy", f"busy: {error}"

@@ -184,8 +184,10 @@ class Studio:
         start_step: int = 0,
         features_per_step: int = 1,
         record: bool = False,
+        include_originals: bool = True,
     ) -> PairResult:
-        """Original and erased images for each prompt, all from `seed`; settings checked first."""
+        """Original and erased images for each prompt, all from `seed`; settings checked first.
+        Without `include_originals` only the erased images are made (`originals` is then empty)."""
         steps = self.world.steps if steps is None else steps
         guidance = self.world.guidance if guidance is None else guidance
         _check_number("steps", steps, integer=True)
@@ -206,6 +208,7 @@ class Studio:
             guidance=guidance,
             height=self.world.height,
             width=self.world.width,
+            include_originals=include_originals,
         )
         result.settings["warnings"] = warnings
         return result

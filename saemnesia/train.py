@@ -821,6 +821,8 @@ def finetune(
     config = config or FinetuneConfig()
     if config.supervision not in SUPERVISIONS:
         raise ValueError(f"supervision must be one of {SUPERVISIONS}, got {config.supervision!r}.")
+    if config.concept_weight < 0:
+        raise ValueError(f"concept_weight must be >= 0 (the paper's is 3.0), got {config.concept_weight}.")
     original, sae = sae, copy.deepcopy(sae)
     device = sae.W_dec.device
     object_latents, style_latents = (latents.to(device) for latents in _assigned_latents(activations, dictionary))

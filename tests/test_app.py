@@ -34,17 +34,29 @@ def client(served):
 
 def test_every_event_has_an_api_name(client):
     endpoints = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
-    assert {"/erase", "/inspect", "/neuron_concepts", "/score_profile", "/concept_table", "/quick_check"} <= endpoints
+    named = {
+        "/erase",
+        "/neighbours",
+        "/inspect",
+        "/neuron_concepts",
+        "/score_profile",
+        "/concept_table",
+        "/quick_check",
+    }
+    assert named <= endpoints
 
 
-def test_erase_returns_pair_panes_and_neighbours(client):
-    slider, panes, neighbours, status = client.predict(
-        "a star in neon style", ["star"], "Both", -10, 0, 2, 5.0, 0, 1, api_name="/erase"
-    )
+def test_erase_returns_the_pair_and_panes_then_neighbours(client):
+    request = ("a star in neon style", ["star"], "Both", -10, 0, 2, 5.0, 0, 1)
+    slider, panes, status = client.predict(*request, api_name="/erase")
     assert len(slider) == 2 and all(slider)
     assert len(panes) == 3  # original, SAEmnesia, SAeUron
-    assert len(neighbours) == 2  # the star swapped for the two other objects
-    assert "images in" in status
+    assert "4 images in" in status
+    neighbours = client.predict(*request, api_name="/neighbours")
+    assert [item["caption"] for item in neighbours] == [
+        "“a circle in neon style” erased",
+        "“a heart in neon style” erased",
+    ]
 
 
 def test_both_methods_erase_at_their_own_strengths(client, tiny_studio, monkeypatch):

@@ -432,7 +432,7 @@ def test_long_prompt_runs_truncated_with_a_visible_warning_at_every_door(tiny_st
         patch.setattr(cli, "_load_studio", lambda args: tiny_studio)
         cli.main(["generate", f"--prompt={LONG_PROMPT}", "--erase=star", "--steps=2", f"--out={tmp_path}"])
     assert any(re.fullmatch(TRUNCATED, record.getMessage()) for record in caplog.records)
-    status = client.predict(LONG_PROMPT, ["star"], "SAEmnesia", -10, 0, 2, 5.0, 0, 1, api_name="/erase")[3]
+    status = client.predict(LONG_PROMPT, ["star"], "SAEmnesia", -10, 0, 2, 5.0, 0, 1, api_name="/erase")[2]
     assert re.search("⚠️ " + TRUNCATED, status)
 
 
@@ -486,9 +486,9 @@ gets a truncated file. Identical requests at once are covered by the library tes
 
 
 def api_pixels(outputs) -> list[np.ndarray]:
-    """Every image of an /erase answer (before/after pair, panes, neighbours), decoded."""
-    pair, panes, neighbours, _ = outputs
-    paths = [*pair, *(item["image"] for item in panes + neighbours)]
+    """Every image of an /erase answer (before/after pair, panes), decoded."""
+    pair, panes, _ = outputs
+    paths = [*pair, *(item["image"] for item in panes)]
     return [np.asarray(Image.open(path).convert("RGB")) for path in paths]
 
 
@@ -690,7 +690,7 @@ def test_a_full_queue_tells_visitors_the_server_is_busy(tiny_studio, tmp_path):
                 assert report.error_messages == ["busy: Queue is full! Please try again."]
             finally:
                 gate.opened.set()
-            assert running.result(timeout=60)[3] and waiting.result(timeout=60)[3]
+            assert running.result(timeout=60)[2] and waiting.result(timeout=60)[2]
     finally:
         demo.close()
     assert no_forward_hooks(tiny_studio)

@@ -276,6 +276,8 @@ def test_fine_tuning_keeps_the_best_heldout_epoch(activations, trained):
     assert evaluate_supervised(tuned, activations, BLOCK, dictionary, heldout, config) == report["heldout_after"]
     assert report["epochs_run"] <= report["best_epoch"] + config.patience
     assert report["heldout_images"] == 5
+    with pytest.raises(ValueError, match="concept_weight must be >= 0"):
+        finetune(sae, activations, BLOCK, dictionary, FinetuneConfig(concept_weight=-1.0), progress=False)
 
 
 def test_supervised_loss_combines_its_terms_with_the_paper_weights():
@@ -353,10 +355,12 @@ def test_cli_trains_takes_stats_fine_tunes_and_reports(activations, tmp_path, ca
     dictionary = ConceptDictionary.load(unsupervised / "dictionary.json")
     assert stats.mean_acts.shape == (4, 2, 128) and len(set(dictionary.latents.values())) == 4
     main(["finetune", *common, "--sae", str(unsupervised), "--out", str(supervised)]
-         + ["--learning-rate", "1e-3", "--epochs", "2", "--batch-size", "8", "--supervision", "ce"])  # fmt: skip
+         + ["--learning-rate", "1e-3", "--epochs", "2", "--batch-size", "8", "--supervision", "ce"]
+         + ["--concept-weight", "10"])  # fmt: skip
     assert ConceptDictionary.load(supervised / "dictionary.json").latents == dictionary.latents
     assert ConceptStats.load(supervised / "stats.safetensors").mean_acts.shape == (4, 2, 128)
-    assert json.loads((supervised / "training.json").read_text())["config"]["supervision"] == "ce"
+    config = json.loads((supervised / "training.json").read_text())["config"]
+    assert config["supervision"] == "ce" and config["concept_weight"] == 10.0
     main(["centralisation", "--kind", "style", "--unsupervised", str(unsupervised), "--supervised", str(supervised)])
     report = json.loads((supervised / "centralisation.json").read_text())
     assert report["variants"] == ["unsupervised", "supervised"] and len(report["concepts"]) == 4
