@@ -233,31 +233,20 @@ def erase_tab(studio: Studio, classifier, last_run: gr.State, benchmark: dict | 
         notes = [f"{len(methods) * 2} images in {elapsed:.1f} s · seed {int(seed)}"]
         notes += [f"⚠️ {prompt_warning}"] if prompt_warning else []
         notes.append(verdict_rows(classifier, shown))
-        state = {"runs": runs, "concepts": concepts, "settings": first.settings}
+        state = {"runs": runs, "request": (prompt, concepts, methods[0], settings), "settings": first.settings}
         return (upscale(original, DISPLAY), upscale(first.erased[0], DISPLAY)), gallery, "\n\n".join(notes), state
 
-    def erase_neighbours(
-        prompt,
-        concepts,
-        method,
-        strength,
-        seed,
-        steps,
-        guidance,
-        start_step,
-        features,
-        saeuron_strength=DEFAULT_STRENGTH,
-        progress=gr.Progress(),
-    ):
-        """The first method's erasure on the prompt with the erased concept swapped for others: what must
-        survive. Its own event, after the pair, so the visitor sees the pair without waiting for these."""
-        prompt, _, concepts, methods = checked(prompt, concepts, method)
+    def erase_neighbours(state, progress=gr.Progress()):
+        """The last pair's erasure (its first method, same settings) on its prompt with the erased concept
+        swapped for others: what must survive. Its own event, after the pair, so the pair never waits."""
+        if not state:
+            raise gr.Error("No erasure yet: press Erase first.", print_exception=False)
+        prompt, concepts, method, settings = state["request"]
         prompts = studio.neighbour_prompts(prompt, concepts)
         if not prompts:
             return []
         progress(0, desc="Erasing from the neighbours")
-        settings = (strength, seed, steps, guidance, start_step, features, saeuron_strength)
-        erased = run_method(methods[0], prompts, concepts, settings, include_originals=False).erased
+        erased = run_method(method, prompts, concepts, settings, include_originals=False).erased
         captions = [f"“{text}” erased" for text in prompts]
         seen = verdicts(classifier, erased)
         if seen is not None:  # the kind the neighbours differ in: the erased concept's
@@ -268,14 +257,13 @@ def erase_tab(studio: Studio, classifier, last_run: gr.State, benchmark: dict | 
             ]
         return [(upscale(image, DISPLAY), caption) for image, caption in zip(erased, captions)]
 
-    inputs = [prompt, concepts, method, strength, seed, steps, guidance, start_step, features, saeuron_strength]
     run.click(
         erase,
-        inputs,
+        [prompt, concepts, method, strength, seed, steps, guidance, start_step, features, saeuron_strength],
         [slider, panes, status, last_run],
         api_name="erase",
         preprocess=False,  # raw values reach the Studio, whose checks name the field (gradio's do not)
-    ).success(erase_neighbours, inputs, neighbours, api_name="neighbours", preprocess=False)
+    ).success(erase_neighbours, last_run, neighbours, api_name="neighbours")
 
 
 def inspect_tab(studio: Studio, last_run: gr.State) -> None:

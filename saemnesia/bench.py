@@ -420,12 +420,13 @@ def app_rows(pipeline: StableDiffusionPipeline, steps: int, repeats: int, device
                 _wait_until_ready(url, process, log)
                 started.append(time.perf_counter() - start)
                 client = Client(url, verbose=False)
-                request = (prompt, [concept], "SAEmnesia", STRENGTH, SEED, steps, world.guidance, 0, 1)
                 start = time.perf_counter()
-                client.predict(*request, api_name="/erase")
+                client.predict(
+                    prompt, [concept], "SAEmnesia", STRENGTH, SEED, steps, world.guidance, 0, 1, api_name="/erase"
+                )
                 first_pair.append(time.perf_counter() - start)
                 start = time.perf_counter()
-                client.predict(*request, api_name="/neighbours")  # what the page asks for once the pair is shown
+                client.predict(api_name="/neighbours")  # what the page asks for once the pair is shown
                 neighbours.append(time.perf_counter() - start)
             finally:
                 process.terminate()

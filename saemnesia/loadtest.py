@@ -1,6 +1,7 @@
 """A bounded load test of the Studio app: K clients at once, N Erase clicks each, through gradio_client.
 
-A click is what the page sends: `/erase` (the pair), then `/neighbours` once the pair has come back.
+A click is what the page sends: `/erase` (the pair), then `/neighbours` (the same erasure on neighbour
+prompts) once the pair has come back.
 
     python -m saemnesia loadtest [--url URL [--pid PID]] [--clients 4] [--requests 5] [--steps 4]
 
@@ -101,9 +102,10 @@ def _measure(sessions: list[Client], requests: int, request: dict, pid: int | No
         start.wait()
         for number in range(requests):
             began = time.perf_counter()
+            click = (("/erase", {**request, "seed": index * requests + number}), ("/neighbours", {}))
             try:
-                for endpoint in ("/erase", "/neighbours"):
-                    job = client.submit(**request, seed=index * requests + number, api_name=endpoint)
+                for endpoint, arguments in click:  # the neighbours of the pair just made
+                    job = client.submit(**arguments, api_name=endpoint)
                     job.result(timeout=timeout)
                 outcome, message = "ok", None
             except QueueError as error:

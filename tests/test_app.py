@@ -52,11 +52,16 @@ def test_erase_returns_the_pair_and_panes_then_neighbours(client):
     assert len(slider) == 2 and all(slider)
     assert len(panes) == 3  # original, SAEmnesia, SAeUron
     assert "4 images in" in status
-    neighbours = client.predict(*request, api_name="/neighbours")
+    neighbours = client.predict(api_name="/neighbours")  # of the session's last pair
     assert [item["caption"] for item in neighbours] == [
         "“a circle in neon style” erased",
         "“a heart in neon style” erased",
     ]
+
+
+def test_neighbours_before_any_erasure_say_to_erase_first(served):
+    with pytest.raises(Exception, match="press Erase first"):
+        Client(served, verbose=False).predict(api_name="/neighbours")  # a new session: no pair yet
 
 
 def test_both_methods_erase_at_their_own_strengths(client, tiny_studio, monkeypatch):
