@@ -20,9 +20,10 @@ from one seed's noise; seeds are far above those `collect` uses for the statisti
   about 4 minutes at 5 images/s. A demo and a smoke test: too few images to compare methods.
 
 Verdicts are cached one JSON line per image (`VerdictCache`), keyed by method, erased concepts,
-strength, features per step, seed and prompt, and tagged with a fingerprint of the model, SAEs,
-statistics and classifier, so an interrupted or repeated run redoes nothing and a retrained model
-never reuses stale verdicts.
+strength, features per step, seed and prompt, and tagged with a fingerprint of what decides the image:
+the model and classifier, and the SAEs and statistics of the image's own method (none for the untouched
+model). An interrupted or repeated run redoes nothing, a retrained model never reuses stale verdicts,
+and retraining one method's SAE remakes only that method's images.
 
 The JSON `write_results` writes (`evaluation.json`, or `evaluation-quick.json`); metrics in % with
 2 decimals, null where undefined (e.g. IRA with no concept left):
@@ -444,12 +445,12 @@ def _record_key(record: dict) -> tuple:
 class VerdictCache:
     """The classifier's verdict on every generated image, one JSON line each, so reruns skip done work.
 
-    Only records with this run's fingerprint count; a line cut short by an interrupted write (or
-    otherwise unreadable) is skipped.
+    `fingerprints` holds this run's fingerprint per method; only records carrying their method's count.
+    A line cut short by an interrupted write (or otherwise unreadable) is skipped.
     """
 
-    def __init__(self, path: Path | None, fingerprint: str):
-        self.path, self.fingerprint = path, fingerprint
+    def __init__(self, path: Path | None, fingerprints: dict[str, str]):
+        self.path, self.fingerprints = path, fingerprints
         self.records: dict[tuple, dict] = {}
         if path is None or not path.is_file():
             return
@@ -457,7 +458,7 @@ class VerdictCache:
         for line in text.splitlines():
             try:
                 record = json.loads(line)
-                if record.get("fingerprint") == fingerprint:
+                if record.get("fingerprint") == fingerprints.get(record["method"]):
                     self.records[_record_key(record)] = record
             except (json.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError):
                 continue
@@ -470,7 +471,7 @@ class VerdictCache:
 
     def add(self, records: list[dict]) -> None:
         for record in records:
-            record["fingerprint"] = self.fingerprint
+            record["fingerprint"] = self.fingerprints[record["method"]]
             self.records[_record_key(record)] = record
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -478,16 +479,17 @@ class VerdictCache:
                 handle.write("".join(json.dumps(record) + "\n" for record in records))
 
 
-def fingerprint(studio: Studio, classifier: MiniCanvasClassifier) -> str:
+def fingerprint(studio: Studio, classifier: MiniCanvasClassifier, method: str | None = None) -> str:
     """A short hash of what decides a verdict: sampling settings, model, SAEs, statistics, classifier.
 
-    Hashes the first and last tensor of every network (any training changes both) and all statistics.
+    Hashes the first and last tensor of every network (any training changes both) and all statistics;
+    with `method`, only that method's SAEs and statistics (none for `UNTOUCHED`).
     """
     world = studio.world
     digest = hashlib.sha256(json.dumps([world.name, world.steps, world.guidance, world.height, world.width]).encode())
     pipeline = studio.pipeline
     networks = [pipeline.unet, pipeline.text_encoder, pipeline.vae, classifier]
-    for key in sorted(studio.bundles):
+    for key in sorted(key for key in studio.bundles if method in (None, key[0])):
         bundle = studio.bundles[key]
         networks.append(bundle.sae)
         digest.update(json.dumps([key, bundle.block, bundle.stats.concepts]).encode())
@@ -702,9 +704,10 @@ def evaluate(
     _check_ready(studio, classifier, plan.concepts)
     kinds = {concept: world.kind_of(concept) for concept in plan.concepts}
     tag = fingerprint(studio, classifier)
+    tags = {method: fingerprint(studio, classifier, method) for method in (UNTOUCHED, *METHODS)}
     logger.info("%d images planned (%s protocol)", plan.images, protocol.name)
     bar = tqdm(total=plan.images, desc=f"evaluate ({protocol.name})", unit="image", disable=not progress)
-    judge = _Judge(studio, classifier, VerdictCache(cache, tag), bar, protocol.batch_size)
+    judge = _Judge(studio, classifier, VerdictCache(cache, tags), bar, protocol.batch_size)
     untouched = {
         (j.seed, j.prompt): j for seed, specs in plan.untouched.items() for j in judge.images(None, (), [seed], specs)
     }

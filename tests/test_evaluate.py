@@ -1,7 +1,9 @@
 """The erasure benchmark: metrics on hand-made verdicts, honest strength selection, quick mode on a tiny model."""
 
+import copy
 import dataclasses
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -169,10 +171,10 @@ def test_cache_skips_broken_lines_and_other_fingerprints(tmp_path):
     record |= {"prompt": "a circle", "object": "star", "style": "neon", "seconds": 0.1}
     lines = [json.dumps(record | {"fingerprint": "old"}), json.dumps(record | {"fingerprint": "new", "seed": 4})]
     path.write_text("\n".join(lines) + '\n{"method": "saemn')
-    cache = VerdictCache(path, "new")
+    cache = VerdictCache(path, {"saemnesia": "new", "none": "old"})
     assert list(cache.records) == [("saemnesia", ("circle",), -5.0, 1, 4, "a circle")]
     cache.add([dict(record)])
-    reloaded = VerdictCache(path, "new")
+    reloaded = VerdictCache(path, {"saemnesia": "new"})
     assert set(reloaded.records) == {("saemnesia", ("circle",), -5.0, 1, seed, "a circle") for seed in (3, 4)}
 
 
@@ -257,6 +259,30 @@ def test_rerun_takes_every_image_from_the_cache(quick_run, monkeypatch):
     }
     assert again["methods"] == first["methods"] and again["ceiling"] == first["ceiling"]
     assert again["search"] == first["search"]
+
+
+def test_a_retrained_saemnesia_sae_remakes_only_saemnesia_images(quick_run, monkeypatch, tmp_path):
+    studio, classifier, folder, first = quick_run
+    shutil.copy(folder / "cache.jsonl", tmp_path / "cache.jsonl")
+    key = ("saemnesia", "object")
+    retrained = copy.deepcopy(studio.bundles[key].sae)
+    with torch.no_grad():
+        for parameter in retrained.parameters():
+            parameter.add_(0.01)
+    changed = Studio(
+        studio.world, studio.pipeline, studio.bundles | {key: dataclasses.replace(studio.bundles[key], sae=retrained)}
+    )
+    methods, hooks = [], Studio.hooks
+    monkeypatch.setattr(
+        Studio,
+        "hooks",
+        lambda self, concepts, method, *a, **k: methods.append(method) or hooks(self, concepts, method, *a, **k),
+    )
+    again = evaluate(changed, classifier, QUICK, cache=tmp_path / "cache.jsonl", progress=False)
+    assert set(methods) == {"saemnesia"}  # the untouched model's and SAeUron's verdicts all came from the cache
+    assert again["methods"]["saeuron"] == first["methods"]["saeuron"] and again["ceiling"] == first["ceiling"]
+    assert 0 < again["images"]["generated"] < again["images"]["planned"]
+    assert again["settings"]["fingerprint"] != first["settings"]["fingerprint"]
 
 
 def test_evaluate_command_writes_results_from_a_warm_cache(quick_run, monkeypatch, tmp_path, capsys):
