@@ -336,12 +336,18 @@ def _centralisation(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
+    import dataclasses
+
     from saemnesia.evaluate import PROTOCOLS, evaluate, results_table, write_results
     from saemnesia.minicanvas.classifier import load_classifier
 
     studio = _load_studio(args)
     classifier = load_classifier(args.classifier or studio.world.assets / "classifier", device=studio.pipeline.device)
     protocol = PROTOCOLS["quick" if args.quick else args.protocol]
+    if args.start_step:  # its own name, so its files sit beside the step-0 results instead of replacing them
+        protocol = dataclasses.replace(
+            protocol, name=f"{protocol.name}-from-step-{args.start_step}", start_step=args.start_step
+        )
     results = evaluate(studio, classifier, protocol, cache=Path(args.cache))
     paths = write_results(results, Path(args.out))
     print(results_table(results))
@@ -614,6 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--protocol", choices=["full", "standard", "quick"], default="full")
     evaluate.add_argument("--out", default="assets/minicanvas/results", help="folder for the JSON, table and plots")
     evaluate.add_argument("--cache", default="runs/eval-cache.jsonl", help="verdicts of images made so far")
+    evaluate.add_argument("--start-step", type=int, default=0, help="both methods edit from this step on (default 0)")
     evaluate.set_defaults(run=_evaluate)
 
     nudity_concept = commands.add_parser(

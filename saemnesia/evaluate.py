@@ -288,10 +288,14 @@ class Protocol:
     saeuron_features: tuple[int, ...] = SAEURON_FEATURES
     batch_size: int = 50
     """Prompts per generation call."""
+    start_step: int = 0
+    """Both methods edit from this sampler step on (METHOD's optional start step; 0: every step)."""
 
     def __post_init__(self) -> None:
         if set(self.tuning_seeds) & set(self.heldout_seeds):
             raise ValueError("Tuning and held-out seeds must differ, or the reported numbers chose themselves.")
+        if isinstance(self.start_step, bool) or not isinstance(self.start_step, int) or self.start_step < 0:
+            raise ValueError(f"start_step must be a whole number >= 0, got {self.start_step!r}.")
 
 
 FULL = Protocol(
@@ -506,8 +510,11 @@ def fingerprint(studio: Studio, classifier: MiniCanvasClassifier, method: str | 
 class _Judge:
     """Makes (or finds in the cache) erased images and the classifier's verdicts on them."""
 
-    def __init__(self, studio: Studio, classifier: MiniCanvasClassifier, cache: VerdictCache, bar: tqdm, batch: int):
-        self.studio, self.classifier, self.cache, self.bar, self.batch = studio, classifier, cache, bar, batch
+    def __init__(
+        self, studio: Studio, classifier: MiniCanvasClassifier, cache: VerdictCache, bar: tqdm, protocol: Protocol
+    ):
+        self.studio, self.classifier, self.cache, self.bar = studio, classifier, cache, bar
+        self.batch, self.start_step = protocol.batch_size, protocol.start_step
         self.generated = self.from_cache = 0
         self.seconds = 0.0
         """Generation and classification seconds of every image served, cached ones included."""
@@ -541,7 +548,7 @@ class _Judge:
             f"{method} {'+'.join(concepts) or '-'} {strength:g} x{features} seed {seed}", refresh=False
         )
         began = time.perf_counter()
-        hooks = studio.hooks(concepts, method, strength, features_per_step=features) if setting else []
+        hooks = studio.hooks(concepts, method, strength, self.start_step, features) if setting else []
         result = studio.generate([spec.text for spec in specs], hooks, seed, include_originals=False)
         verdicts = classify(self.classifier, result.erased)
         seconds = time.perf_counter() - began
@@ -702,12 +709,18 @@ def evaluate(
     world = studio.world
     plan = _plan(world, protocol)
     _check_ready(studio, classifier, plan.concepts)
+    if protocol.start_step >= world.steps:
+        raise ValueError(
+            f"start_step must be below the world's {world.steps} sampler steps, got {protocol.start_step}."
+        )
     kinds = {concept: world.kind_of(concept) for concept in plan.concepts}
     tag = fingerprint(studio, classifier)
     tags = {method: fingerprint(studio, classifier, method) for method in (UNTOUCHED, *METHODS)}
+    if protocol.start_step:  # it decides the erased images: their verdicts are apart from those of step 0
+        tags |= {method: f"{tags[method]}-from-step-{protocol.start_step}" for method in METHODS}
     logger.info("%d images planned (%s protocol)", plan.images, protocol.name)
     bar = tqdm(total=plan.images, desc=f"evaluate ({protocol.name})", unit="image", disable=not progress)
-    judge = _Judge(studio, classifier, VerdictCache(cache, tags), bar, protocol.batch_size)
+    judge = _Judge(studio, classifier, VerdictCache(cache, tags), bar, protocol)
     untouched = {
         (j.seed, j.prompt): j for seed, specs in plan.untouched.items() for j in judge.images(None, (), [seed], specs)
     }

@@ -285,6 +285,26 @@ def test_a_retrained_saemnesia_sae_remakes_only_saemnesia_images(quick_run, monk
     assert again["settings"]["fingerprint"] != first["settings"]["fingerprint"]
 
 
+def test_a_later_start_step_reaches_every_edit_and_keeps_its_verdicts_apart(quick_run, monkeypatch, tmp_path):
+    studio, classifier, folder, first = quick_run
+    shutil.copy(folder / "cache.jsonl", tmp_path / "cache.jsonl")
+    starts, hooks = [], Studio.hooks
+
+    def recording_hooks(self, concepts, method, strength, start_step=0, *args, **kwargs):
+        starts.append(start_step)
+        return hooks(self, concepts, method, strength, start_step, *args, **kwargs)
+
+    monkeypatch.setattr(Studio, "hooks", recording_hooks)
+    later = evaluate(studio, classifier, dataclasses.replace(QUICK, start_step=1), cache=tmp_path / "cache.jsonl")
+    assert starts and set(starts) == {1}  # no verdict of the step-0 run was taken for this one
+    assert later["protocol"]["start_step"] == 1 and later["ceiling"] == first["ceiling"]
+    assert 0 < later["images"]["generated"] < later["images"]["planned"]  # the untouched model's came from the cache
+    with pytest.raises(ValueError, match="start_step must be below the world's 2 sampler steps"):
+        evaluate(studio, classifier, dataclasses.replace(QUICK, start_step=2), cache=None)
+    with pytest.raises(ValueError, match="start_step must be a whole number >= 0"):
+        dataclasses.replace(QUICK, start_step=-1)
+
+
 def test_evaluate_command_writes_results_from_a_warm_cache(quick_run, monkeypatch, tmp_path, capsys):
     _, _, folder, first = quick_run
     monkeypatch.setattr(cli, "_load_studio", lambda args: tiny_studio())
