@@ -233,7 +233,7 @@ def erase_tab(studio: Studio, classifier, last_run: gr.State, benchmark: dict | 
         notes = [f"{len(methods) * 2} images in {elapsed:.1f} s · seed {int(seed)}"]
         notes += [f"⚠️ {prompt_warning}"] if prompt_warning else []
         notes.append(verdict_rows(classifier, shown))
-        state = {"runs": runs, "request": (prompt, concepts, methods[0], settings), "settings": first.settings}
+        state = {"runs": runs, "request": (prompt, concepts, methods[0], settings)}
         return (upscale(original, DISPLAY), upscale(first.erased[0], DISPLAY)), gallery, "\n\n".join(notes), state
 
     def erase_neighbours(state, progress=gr.Progress()):
