@@ -20,6 +20,7 @@ import gradio as gr  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
+from saemnesia.erase import STRENGTH_RANGE  # noqa: E402
 from saemnesia.evaluate import DEFAULT_STRENGTH, benchmark_results, setting_or_default  # noqa: E402
 from saemnesia.heatmaps import mask_overlay, overlay, upscale  # noqa: E402
 from saemnesia.studio import Studio  # noqa: E402
@@ -143,8 +144,10 @@ def erase_tab(studio: Studio, classifier, last_run: gr.State, benchmark: dict | 
             )
             method = gr.Radio(list(METHOD_CHOICES), value="Both", label="Method")
             with gr.Row():
-                strength = gr.Slider(-60, 0, value=ours, step=0.01, label="SAEmnesia strength γ (negative erases)")
-                saeuron_strength = gr.Slider(-60, 0, value=theirs, step=0.01, label="SAeUron strength γ")
+                strength = gr.Slider(
+                    STRENGTH_RANGE[0], 0, value=ours, step=0.01, label="SAEmnesia strength γ (negative erases)"
+                )
+                saeuron_strength = gr.Slider(STRENGTH_RANGE[0], 0, value=theirs, step=0.01, label="SAeUron strength γ")
             gr.Markdown(
                 "Each strength starts at the value the benchmark tuned for the chosen concepts (`python -m "
                 "saemnesia evaluate`), so *Both* compares each method at its best. γ multiplies the latent's "
@@ -441,7 +444,11 @@ def metrics_tab(studio: Studio, classifier, results: dict) -> None:
         concept = gr.Dropdown(list(studio.world.concepts), value=studio.world.objects[0], label="Concept")
         method = gr.Radio(["saemnesia", "saeuron"], value="saemnesia", label="Method")
         strength = gr.Slider(
-            -60, 0, value=tuned_settings(benchmark, [concept.value])[0], step=0.01, label="Strength (tuned by default)"
+            STRENGTH_RANGE[0],
+            0,
+            value=tuned_settings(benchmark, [concept.value])[0],
+            step=0.01,
+            label="Strength (tuned by default)",
         )
         seeds = gr.Slider(1, 8, value=2, step=1, label="Seeds")
     check = gr.Dataframe(headers=["metric", "value (%)"], interactive=False)

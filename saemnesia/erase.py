@@ -21,7 +21,9 @@ from saemnesia.concepts import ConceptDictionary, ConceptStats, check_concepts
 from saemnesia.sae import EncoderOutput, Sae
 
 METHODS = ("saemnesia", "saeuron")
-STRENGTH_RANGE = (-200.0, 0.0)
+STRENGTH_RANGE = (-1000.0, 0.0)
+"""Down to the benchmark's strongest object strength: unsupervised latents, whose mean activation is
+small, need -100 to -1000 to erase an object (`evaluate.OBJECT_STRENGTHS`)."""
 PAPER_STRENGTHS = (-1.0, -5.0, -10.0, -15.0, -20.0, -25.0, -30.0)
 
 

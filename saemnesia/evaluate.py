@@ -2,10 +2,11 @@
 
 For every erased concept each method gets its strength searched on TUNING seeds, choosing the setting
 with the best (UA + IRA) / 2, and is then measured on separate HELD-OUT seeds. SAEmnesia searches
-the 7 `SEARCH_STRENGTHS` on its concept's own latent; SAeUron searches 3 feature counts (its percentiles
-99.999 / 99.995 / 99.99 at the paper's 20,480 latents: 1 / 2 / 3 latents a step) x the same 7
-strengths. Sequential erasure then erases the world's first objects together, one more each step.
-The classifier judges every image; the untouched model, run once, gives the ceiling.
+the 7 strengths of its kind's grid (`OBJECT_STRENGTHS`, `STYLE_STRENGTHS`) on its concept's own
+latent; SAeUron searches 3 feature counts (its percentiles 99.999 / 99.995 / 99.99 at the paper's
+20,480 latents: 1 / 2 / 3 latents a step) x the same 7 strengths. Sequential erasure then erases the
+world's first objects together, one more each step. The classifier judges every image; the untouched
+model, run once, gives the ceiling.
 
 Protocols (`FULL`, `QUICK`). All images are erased-only, many prompts a call, all prompts of a call
 from one seed's noise; seeds are far above those `collect` uses for the statistics (0 to 1199).
@@ -37,7 +38,7 @@ The JSON `write_results` writes (`evaluation.json`, or `evaluation-quick.json`);
         summary: {"object" | "style": {ua, ira, cra, mean, concepts, untouched: {ua, ira, cra, mean}}},
         sequential: [{erased: [objects], strength, features_per_step, ua, ira, cra, images,
                       untouched: {ua, ira, cra}}, ...]}}
-    search: {"saemnesia" | "saeuron": {strengths, features_per_step, trials_per_concept, trials, images,
+    search: {"saemnesia" | "saeuron": {strengths: {kind: grid}, features_per_step, trials_per_concept, trials, images,
              seconds, seconds_per_trial}, paper_grid: {trials_per_concept: 210, trials, estimated_seconds},
              trials_saved: 1 - ours/theirs per concept, vs our SAeUron grid and vs the paper's}
     paper: Table 1 by method and kind
@@ -82,14 +83,18 @@ SAEURON_PERCENTILES = (99.999, 99.995, 99.99)
 PAPER_LATENTS = 20_480
 SAEURON_FEATURES = tuple(features_for_percentile(p, PAPER_LATENTS) for p in SAEURON_PERCENTILES)
 PAPER_GRID_TRIALS = 30 * 7
-SEARCH_STRENGTHS = (-0.03, -0.1, -0.3, -1.0, -3.0, -10.0, -30.0)
-"""The 7 strengths both methods search, log-spaced from gentle to the paper's strongest.
+OBJECT_STRENGTHS = (-1.0, -3.0, -10.0, -30.0, -100.0, -300.0, -1000.0)
+STYLE_STRENGTHS = (-0.03, -0.1, -0.3, -1.0, -3.0, -10.0, -30.0)
+"""The 7 strengths both methods search per concept, one grid per kind, log-spaced (x sqrt(10)).
 
-The paper's grid (`erase.PAPER_STRENGTHS`, -1 to -30) fits unsupervised latents, whose mean activation
-mu is small because they fire on few tokens. The multiplier is gamma * mu, and a supervised latent fires
-on most of its concept's tokens: on MiniCanvas its mu is ~10x larger, so the paper's mildest -1 already
-wipes out neighbouring objects. Both methods search these same 7 values, which keep the paper's two ends
-(-1 and -30) and its number of trials.
+The edit multiplies a latent by gamma * mu, its mean activation on the concept, so where a method's
+optimum lies depends on its latents' scale. On MiniCanvas's object block an unsupervised latent's mu is
+~10x smaller than a supervised one's (0.2-0.8 against 1.2-5.3): with the earlier shared grid, -0.03 to
+-30, SAeUron took the strongest -30 for 8 of its 10 objects and, given -100, all 10 there, so the grid
+was capping the baseline. The object grid therefore reaches -1000 (SAeUron now settles at -100 to
+-1000, SAEmnesia at -10 to -300; neither needs anything milder than -1, where both erase nothing). On
+the style block both methods' choices lie inside -0.03 to -30 but for SAEmnesia's strongest, so that
+grid stays. Each keeps the paper's count of 7 strengths.
 """
 DEFAULT_STRENGTH = -10.0
 """For an erasure the benchmark tuned nothing for (the SD world, a world without cached results)."""
@@ -160,20 +165,29 @@ def accuracy(judged: Sequence[Judged], kind: str) -> float | None:
     return 100 * sum(s == _asked(j, kind) for s, j in zip(seen, judged)) / len(judged)
 
 
-def erasure_metrics(judged: Sequence[Judged], erased: Collection[str], kind: str) -> Metrics:
-    """UA on images naming an erased concept, IRA on those naming another of its kind, CRA on all
-    (and on the erased concepts' images alone).
+def erasure_metrics(judged: Sequence[Judged], erased: Collection[str], kind: str, kind_size: int) -> Metrics:
+    """UA on images naming an erased concept, IRA on those naming another of its kind, CRA on the other kind.
 
-    `kind` is the erased concepts' kind ("object" or "style"); CRA is accuracy on the other kind.
+    `kind` is the erased concepts' kind ("object" or "style"), `kind_size` how many concepts of that kind
+    the world has. CRA is accuracy on the other kind over the whole object x style grid, as UnlearnCanvas
+    and SAeUron's scripts count it (every image of the grid once): the erased concepts' images weigh
+    len(erased) / kind_size of it and the others' images the rest, however many of each were sampled.
+    Unweighted, the protocols' equal halves of erased and other prompts would count the erased
+    concepts' images 5x too much at one erased object of 10. `cra_erased` reports them alone.
     """
+    if not 0 < len(erased) <= kind_size:
+        raise ValueError(f"{len(erased)} erased concept(s) do not fit a world of {kind_size} {kind}s.")
     on_erased = [j for j in judged if _asked(j, kind) in erased]
     on_others = [j for j in judged if _asked(j, kind) not in erased]
     erased_accuracy = accuracy(on_erased, kind)
+    cross_erased, cross_others = accuracy(on_erased, other_kind(kind)), accuracy(on_others, other_kind(kind))
+    if cross_erased is None or cross_others is None:
+        cross = cross_others if cross_erased is None else cross_erased
+    else:
+        share = len(erased) / kind_size
+        cross = share * cross_erased + (1 - share) * cross_others
     return Metrics(
-        None if erased_accuracy is None else 100 - erased_accuracy,
-        accuracy(on_others, kind),
-        accuracy(judged, other_kind(kind)),
-        accuracy(on_erased, other_kind(kind)),
+        None if erased_accuracy is None else 100 - erased_accuracy, accuracy(on_others, kind), cross, cross_erased
     )
 
 
@@ -244,7 +258,11 @@ def search_grid(method: str, strengths: Sequence[float], saeuron_features: Seque
 
 
 def choose_setting(
-    trials: Mapping[Setting, Sequence[Judged]], concept: str, kind: str, tuning_seeds: Collection[int]
+    trials: Mapping[Setting, Sequence[Judged]],
+    concept: str,
+    kind: str,
+    kind_size: int,
+    tuning_seeds: Collection[int],
 ) -> tuple[Setting, dict[Setting, Metrics]]:
     """The setting with the best (UA + IRA) / 2 on the tuning seeds' images only, and every setting's metrics.
 
@@ -252,7 +270,7 @@ def choose_setting(
     Ties go to the first setting tried (in `search_grid` order: fewest latents, then mildest strength).
     """
     metrics = {
-        setting: erasure_metrics([j for j in judged if j.seed in tuning_seeds], [concept], kind)
+        setting: erasure_metrics([j for j in judged if j.seed in tuning_seeds], [concept], kind, kind_size)
         for setting, judged in trials.items()
     }
     scored = [setting for setting, m in metrics.items() if m.score is not None]
@@ -284,12 +302,17 @@ class Protocol:
     """Up to this many objects erased together (capped at the tuned objects and all objects but one)."""
     sequential_prompts: int
     sequential_seeds: tuple[int, ...]
-    strengths: tuple[float, ...] = SEARCH_STRENGTHS
+    object_strengths: tuple[float, ...] = OBJECT_STRENGTHS
+    style_strengths: tuple[float, ...] = STYLE_STRENGTHS
     saeuron_features: tuple[int, ...] = SAEURON_FEATURES
     batch_size: int = 50
     """Prompts per generation call."""
     start_step: int = 0
     """Both methods edit from this sampler step on (METHOD's optional start step; 0: every step)."""
+
+    def strengths(self, kind: str) -> tuple[float, ...]:
+        """The strength grid searched for concepts of `kind`."""
+        return self.object_strengths if kind == "object" else self.style_strengths
 
     def __post_init__(self) -> None:
         if set(self.tuning_seeds) & set(self.heldout_seeds):
@@ -411,8 +434,10 @@ def _plan(world: World, protocol: Protocol) -> _Plan:
             untouched.setdefault(seed, {}).update((spec.text, spec) for spec in specs)
     for seed in protocol.sequential_seeds if sequential else ():
         untouched.setdefault(seed, {}).update((spec.text, spec) for spec in sequential_prompts)
-    trials = len(protocol.strengths) * (1 + len(protocol.saeuron_features))
-    images = sum(len(specs) for specs in tuning.values()) * trials * len(protocol.tuning_seeds)
+    images = len(protocol.tuning_seeds) * sum(
+        len(specs) * len(protocol.strengths(world.kind_of(concept))) * (1 + len(protocol.saeuron_features))
+        for concept, specs in tuning.items()
+    )
     images += sum(len(specs) for specs in heldout.values()) * len(METHODS) * len(protocol.heldout_seeds)
     images += len(sequential) * len(sequential_prompts) * len(METHODS) * len(protocol.sequential_seeds)
     images += sum(len(specs) for specs in untouched.values())
@@ -602,7 +627,9 @@ def live_check(
         for images, judged in ((result.erased, erased), (result.originals, untouched)):
             for spec, verdict in zip(specs, classify(classifier, images)):
                 judged.append(Judged(spec.text, seed, spec.object, spec.style, verdict.object, verdict.style))
-    metrics, ceiling_metrics = erasure_metrics(erased, [concept], kind), erasure_metrics(untouched, [concept], kind)
+    kind_size = len(studio.world.concepts_of(kind))
+    metrics = erasure_metrics(erased, [concept], kind, kind_size)
+    ceiling_metrics = erasure_metrics(untouched, [concept], kind, kind_size)
     return {
         "UA": _round(metrics.ua),
         "IRA": _round(metrics.ira),
@@ -755,7 +782,7 @@ def evaluate(
         },
         "ceiling": ceiling(list(untouched.values()), kinds),
         "methods": methods,
-        "search": _search_report(protocol, plan, search_seconds),
+        "search": _search_report(protocol, plan, kinds, search_seconds),
         "paper": {
             method: {kind: dict(zip(TABLE1_METRICS, values)) for kind, values in table.items()}
             for method, table in PAPER_TABLE.items()
@@ -783,13 +810,14 @@ def _erase_concept(
     kind: str,
 ) -> tuple[Setting, dict]:
     """Search `method`'s grid for `concept` on the tuning seeds, then measure the chosen setting on held-out ones."""
-    grid = search_grid(method, protocol.strengths, protocol.saeuron_features)
+    grid = search_grid(method, protocol.strengths(kind), protocol.saeuron_features)
     trials = {
         setting: judge.images(setting, [concept], protocol.tuning_seeds, plan.tuning[concept]) for setting in grid
     }
-    best, tuning = choose_setting(trials, concept, kind, protocol.tuning_seeds)
+    kind_size = len(judge.studio.world.concepts_of(kind))
+    best, tuning = choose_setting(trials, concept, kind, kind_size, protocol.tuning_seeds)
     heldout = judge.images(best, [concept], protocol.heldout_seeds, plan.heldout[concept])
-    metrics = erasure_metrics(heldout, [concept], kind)
+    metrics = erasure_metrics(heldout, [concept], kind, kind_size)
     logger.info(
         "%s %s: strength %g, %d latent(s)/step: %s",
         method,
@@ -816,7 +844,7 @@ def _erase_concept(
             for s, m in tuning.items()
         ],
         "heldout": {**_metrics_dict(metrics), "images": len(heldout)},
-        "untouched": _metrics_dict(erasure_metrics(reference, [concept], kind)),
+        "untouched": _metrics_dict(erasure_metrics(reference, [concept], kind, kind_size)),
     }
 
 
@@ -839,27 +867,29 @@ def _sequential(
                 "erased": erased,
                 "strength": setting.strength,
                 "features_per_step": setting.features_per_step,
-                **_metrics_dict(erasure_metrics(judged, erased, "object")),
+                **_metrics_dict(erasure_metrics(judged, erased, "object", len(judge.studio.world.objects))),
                 "images": len(judged),
-                "untouched": _metrics_dict(erasure_metrics(reference, erased, "object")),
+                "untouched": _metrics_dict(
+                    erasure_metrics(reference, erased, "object", len(judge.studio.world.objects))
+                ),
             }
         )
     return steps
 
 
-def _search_report(protocol: Protocol, plan: _Plan, seconds: Mapping[str, float]) -> dict:
+def _search_report(protocol: Protocol, plan: _Plan, kinds: Mapping[str, str], seconds: Mapping[str, float]) -> dict:
     """Trials, images and seconds of each method's search, and what the paper's 30 x 7 grid would cost."""
     report: dict[str, dict] = {}
-    tuning_images = len(protocol.tuning_seeds) * sum(len(specs) for specs in plan.tuning.values())
     for method in METHODS:
-        grid = search_grid(method, protocol.strengths, protocol.saeuron_features)
-        trials = len(grid) * len(plan.concepts)
+        grids = {kind: search_grid(method, protocol.strengths(kind), protocol.saeuron_features) for kind in KINDS}
+        trials = sum(len(grids[kinds[concept]]) for concept in plan.concepts)
         report[method] = {
-            "strengths": list(protocol.strengths),
-            "features_per_step": sorted({setting.features_per_step for setting in grid}),
-            "trials_per_concept": len(grid),
+            "strengths": {kind: list(protocol.strengths(kind)) for kind in KINDS},
+            "features_per_step": sorted({setting.features_per_step for setting in grids["object"]}),
+            "trials_per_concept": round(trials / len(plan.concepts), 2) if plan.concepts else None,
             "trials": trials,
-            "images": len(grid) * tuning_images,
+            "images": len(protocol.tuning_seeds)
+            * sum(len(grids[kinds[concept]]) * len(specs) for concept, specs in plan.tuning.items()),
             "seconds": round(seconds[method], 2),
             "seconds_per_trial": round(seconds[method] / trials, 3) if trials else None,
         }
@@ -944,9 +974,14 @@ def results_table(results: dict) -> str:
     for method in METHODS:
         entry = search[method]
         lines.append(
-            f"- {METHOD_NAMES[method]}: {entry['trials_per_concept']} trials a concept, {entry['trials']} in all, "
+            f"- {METHOD_NAMES[method]}: {entry['trials_per_concept']:g} trials a concept, {entry['trials']} in all, "
             f"{entry['images']} images, {entry['seconds']:.0f} s"
         )
+    grids = search["saemnesia"]["strengths"]
+    lines.append(
+        "- strengths, both methods: "
+        + "; ".join(f"{kind}s {', '.join(f'{value:g}' for value in grids[kind])}" for kind in KINDS)
+    )
     estimate = search["paper_grid"]["estimated_seconds"]
     lines.append(
         f"- the paper's SAeUron grid (30 x 7): {search['paper_grid']['trials']} trials, about "

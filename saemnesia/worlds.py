@@ -96,6 +96,9 @@ class World:
     def kind_of(self, concept: str) -> str:
         return "object" if concept in self.objects else "style"
 
+    def concepts_of(self, kind: str) -> tuple[str, ...]:
+        return self.objects if kind == "object" else self.styles
+
     def block_for(self, kind: str) -> str:
         return self.object_block if kind == "object" else self.style_block
 

@@ -15,6 +15,7 @@ from saemnesia import cli
 from saemnesia import evaluate as evaluate_module
 from saemnesia.cli import build_parser
 from saemnesia.concepts import ConceptDictionary, ConceptStats
+from saemnesia.erase import check_strength
 from saemnesia.evaluate import (
     DEFAULT_STRENGTH,
     FULL,
@@ -69,25 +70,41 @@ VERDICTS = [
 
 
 def test_object_erasure_metrics_on_hand_made_verdicts():
-    metrics = erasure_metrics(VERDICTS, ["circle"], "object")
-    # circle images: 2 of 4 still drawn circles; others: 5 of 6 right; styles: 7 of 10 right, 3 of 4 on circles.
-    assert metrics == Metrics(ua=50.0, ira=pytest.approx(500 / 6), cra=70.0, cra_erased=75.0)
+    metrics = erasure_metrics(VERDICTS, ["circle"], "object", kind_size=3)
+    # circle images: 2 of 4 still drawn circles; others: 5 of 6 right. Styles: 3 of 4 right on circles,
+    # 4 of 6 on the others; on the grid of 3 objects the circles are a third of the images.
+    assert metrics == Metrics(
+        ua=50.0, ira=pytest.approx(500 / 6), cra=pytest.approx(75 / 3 + 2 / 3 * 400 / 6), cra_erased=75.0
+    )
     assert metrics.score == pytest.approx((50 + 500 / 6) / 2)
 
 
+def test_cra_weighs_the_erased_concepts_images_by_their_share_of_the_grid():
+    # The same verdicts in a world of 10 objects: the circles are a tenth of its grid, however many were sampled.
+    assert erasure_metrics(VERDICTS, ["circle"], "object", kind_size=10).cra == pytest.approx(
+        75 / 10 + 9 / 10 * 400 / 6
+    )
+    with pytest.raises(ValueError, match="do not fit a world of 1 objects"):
+        erasure_metrics(VERDICTS, ["circle", "square"], "object", kind_size=1)
+
+
 def test_style_erasure_metrics_use_styles_for_ua_and_ira_and_objects_for_cra():
-    metrics = erasure_metrics(VERDICTS, ["ocean"], "style")
-    # ocean images: 3 of 5 still ocean; sunset images: 4 of 5 right; objects: 7 of 10 right, 3 of 5 on ocean.
+    metrics = erasure_metrics(VERDICTS, ["ocean"], "style", kind_size=2)
+    # ocean images: 3 of 5 still ocean; sunset images: 4 of 5 right; objects: 3 of 5 right on ocean, 4 of 5 on sunset.
     assert metrics == Metrics(ua=40.0, ira=80.0, cra=70.0, cra_erased=60.0)
 
 
 def test_several_erased_concepts_count_together_and_empty_groups_are_none():
-    assert erasure_metrics(VERDICTS, ["circle", "square"], "object") == Metrics(
-        ua=pytest.approx(100 - 400 / 7), ira=100.0, cra=70.0, cra_erased=pytest.approx(500 / 7)
+    # Objects: 5 of 7 right on circles and squares (two thirds of the grid), 2 of 3 on stars.
+    assert erasure_metrics(VERDICTS, ["circle", "square"], "object", kind_size=3) == Metrics(
+        ua=pytest.approx(100 - 400 / 7),
+        ira=100.0,
+        cra=pytest.approx(2 / 3 * 500 / 7 + 1 / 3 * 200 / 3),
+        cra_erased=pytest.approx(500 / 7),
     )
-    nothing_left = erasure_metrics(VERDICTS, ["circle", "square", "star"], "object")
-    assert nothing_left.ira is None and nothing_left.score is None
-    assert erasure_metrics(VERDICTS, ["moon"], "object").ua is None
+    nothing_left = erasure_metrics(VERDICTS, ["circle", "square", "star"], "object", kind_size=3)
+    assert nothing_left.ira is None and nothing_left.score is None and nothing_left.cra == 70.0
+    assert erasure_metrics(VERDICTS, ["moon"], "object", kind_size=4).ua is None
     assert accuracy([], "object") is None
 
 
@@ -124,7 +141,7 @@ def test_strength_is_chosen_by_ua_plus_ira_on_tuning_seeds_only():
             * 5,
         ],
     }
-    best, metrics = choose_setting(trials, "circle", "object", tuning_seeds={tuning_seed})
+    best, metrics = choose_setting(trials, "circle", "object", 2, tuning_seeds={tuning_seed})
     assert best == medium
     assert metrics == {
         mild: Metrics(0.0, 100.0, 100.0, 100.0),
@@ -132,23 +149,29 @@ def test_strength_is_chosen_by_ua_plus_ira_on_tuning_seeds_only():
         strong: Metrics(100.0, 0.0, 100.0, 100.0),
     }
     # With the held-out seed counted, the strong setting would have won: it must not be seen.
-    assert choose_setting(trials, "circle", "object", tuning_seeds={tuning_seed, heldout_seed})[0] == strong
+    assert choose_setting(trials, "circle", "object", 2, tuning_seeds={tuning_seed, heldout_seed})[0] == strong
 
 
 def test_ties_go_to_the_mildest_setting_tried_first():
     trials = {Setting("saeuron", s, 2): [judged("circle/sunset", "star/sunset")] for s in (-1.0, -5.0)}
     trials[Setting("saeuron", -5.0, 2)].append(judged("square/sunset", "square/sunset"))
     trials[Setting("saeuron", -1.0, 2)].append(judged("square/sunset", "square/sunset"))
-    assert choose_setting(trials, "circle", "object", {0})[0] == Setting("saeuron", -1.0, 2)
+    assert choose_setting(trials, "circle", "object", 3, {0})[0] == Setting("saeuron", -1.0, 2)
 
 
-def test_search_grids_give_saeuron_three_feature_counts_of_the_seven_strengths():
+def test_search_grids_give_saeuron_three_feature_counts_of_the_seven_strengths_of_each_kind():
     assert SAEURON_FEATURES == (1, 2, 3)
-    ours, theirs = (search_grid(m, FULL.strengths, FULL.saeuron_features) for m in ("saemnesia", "saeuron"))
-    assert len(ours) == 7 and {s.features_per_step for s in ours} == {1}
-    assert len(theirs) == 21 and {(s.strength, s.features_per_step) for s in theirs} == {
-        (strength, count) for strength in FULL.strengths for count in (1, 2, 3)
-    }
+    assert FULL.strengths("object") == (-1, -3, -10, -30, -100, -300, -1000)
+    assert FULL.strengths("style") == (-0.03, -0.1, -0.3, -1, -3, -10, -30)
+    for kind in ("object", "style"):
+        ours, theirs = (search_grid(m, FULL.strengths(kind), FULL.saeuron_features) for m in ("saemnesia", "saeuron"))
+        assert len(ours) == 7 and {s.features_per_step for s in ours} == {1}
+        assert len(theirs) == 21 and {(s.strength, s.features_per_step) for s in theirs} == {
+            (strength, count) for strength in FULL.strengths(kind) for count in (1, 2, 3)
+        }
+    # Every grid strength is one the erasure accepts.
+    for strength in FULL.strengths("object") + FULL.strengths("style"):
+        assert check_strength(strength) == strength
 
 
 def test_prompts_are_balanced_and_distinct():
