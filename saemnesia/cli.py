@@ -344,7 +344,17 @@ def _evaluate(args: argparse.Namespace) -> None:
     studio = _load_studio(args)
     classifier = load_classifier(args.classifier or studio.world.assets / "classifier", device=studio.pipeline.device)
     protocol = PROTOCOLS["quick" if args.quick else args.protocol]
-    if args.start_step:  # its own name, so its files sit beside the step-0 results instead of replacing them
+    # Variants get their own names, so their files sit beside the protocol's results instead of replacing them.
+    if args.tuning_seeds is not None:
+        if args.tuning_seeds < 1:
+            raise SystemExit(f"--tuning-seeds must be at least 1, got {args.tuning_seeds}.")
+        first = protocol.tuning_seeds[0]
+        protocol = dataclasses.replace(
+            protocol,
+            name=f"{protocol.name}-tuned-on-{args.tuning_seeds}-seeds",
+            tuning_seeds=tuple(range(first, first + args.tuning_seeds)),
+        )
+    if args.start_step:
         protocol = dataclasses.replace(
             protocol, name=f"{protocol.name}-from-step-{args.start_step}", start_step=args.start_step
         )
@@ -621,6 +631,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", default="assets/minicanvas/results", help="folder for the JSON, table and plots")
     evaluate.add_argument("--cache", default="runs/eval-cache.jsonl", help="verdicts of images made so far")
     evaluate.add_argument("--start-step", type=int, default=0, help="both methods edit from this step on (default 0)")
+    evaluate.add_argument(
+        "--tuning-seeds", type=int, help="search strengths on this many seeds from 50000 (default: the protocol's 1)"
+    )
     evaluate.set_defaults(run=_evaluate)
 
     nudity_concept = commands.add_parser(

@@ -342,6 +342,19 @@ def test_evaluate_command_writes_results_from_a_warm_cache(quick_run, monkeypatc
     assert "| SAEmnesia | objects |" in capsys.readouterr().out
 
 
+def test_evaluate_command_tunes_on_more_seeds_under_its_own_name(monkeypatch, tmp_path):
+    monkeypatch.setattr(cli, "_load_studio", lambda args: tiny_studio())
+    monkeypatch.setattr(classifier_module, "load_classifier", lambda folder, device: tiny_classifier())
+    seen = []
+    monkeypatch.setattr(evaluate_module, "evaluate", lambda studio, classifier, protocol, cache: seen.append(protocol))
+    monkeypatch.setattr(evaluate_module, "write_results", lambda results, out: {})
+    monkeypatch.setattr(evaluate_module, "results_table", lambda results: "")
+    cli.main(["evaluate", "--quick", "--tuning-seeds", "2", "--out", str(tmp_path), "--classifier", "x"])
+    assert seen[0].name == "quick-tuned-on-2-seeds" and seen[0].tuning_seeds == (50_000, 50_001)
+    with pytest.raises(SystemExit, match="--tuning-seeds must be at least 1, got 0"):
+        cli.main(["evaluate", "--quick", "--tuning-seeds", "0", "--out", str(tmp_path), "--classifier", "x"])
+
+
 def test_evaluate_command_defaults():
     args = build_parser().parse_args(["evaluate", "--quick"])
     assert (args.world, args.quick, args.out, args.cache) == (
