@@ -858,6 +858,7 @@ def _sequential(
 ) -> list[dict]:
     """UA / IRA / CRA with the first 1, 2, ... objects erased together, at the lower median of their tuned settings."""
     reference = _untouched_of(untouched, protocol.sequential_seeds, plan.sequential_prompts)
+    objects = len(judge.studio.world.objects)
     steps = []
     for erased in plan.sequential:
         setting = joint_setting(method, [chosen[c] for c in erased])
@@ -867,11 +868,9 @@ def _sequential(
                 "erased": erased,
                 "strength": setting.strength,
                 "features_per_step": setting.features_per_step,
-                **_metrics_dict(erasure_metrics(judged, erased, "object", len(judge.studio.world.objects))),
+                **_metrics_dict(erasure_metrics(judged, erased, "object", objects)),
                 "images": len(judged),
-                "untouched": _metrics_dict(
-                    erasure_metrics(reference, erased, "object", len(judge.studio.world.objects))
-                ),
+                "untouched": _metrics_dict(erasure_metrics(reference, erased, "object", objects)),
             }
         )
     return steps
