@@ -375,6 +375,20 @@ def _ablate_blocks(args: argparse.Namespace) -> None:
     print(json.dumps(ablate_blocks(studio, classifier, args.block, args.styles_per_object, args.seed), indent=2))
 
 
+def _edit_coverage(args: argparse.Namespace) -> None:
+    import json
+
+    from saemnesia.evaluate import benchmark_results, edit_coverage
+    from saemnesia.minicanvas.classifier import load_classifier
+
+    studio = _load_studio(args)
+    classifier = load_classifier(args.classifier or studio.world.assets / "classifier", device=studio.pipeline.device)
+    results = benchmark_results(studio.world)
+    if results is None:
+        raise SystemExit("No benchmark results for this world: run `python -m saemnesia evaluate` first.")
+    print(json.dumps(edit_coverage(studio, classifier, results, args.method, args.kind), indent=2))
+
+
 def _nudity_concept(args: argparse.Namespace) -> None:
     import json
 
@@ -621,6 +635,14 @@ def build_parser() -> argparse.ArgumentParser:
     ablate.add_argument("--styles-per-object", type=int, default=4)
     ablate.add_argument("--seed", type=int, default=0)
     ablate.set_defaults(run=_ablate_blocks)
+
+    coverage = commands.add_parser(
+        "edit-coverage", help="tokens the tuned edit changed, on images where the concept survived and where not"
+    )
+    _add_classifier_world_arguments(coverage)
+    coverage.add_argument("--method", choices=["saemnesia", "saeuron"], default="saemnesia")
+    coverage.add_argument("--kind", choices=["object", "style"], default="object")
+    coverage.set_defaults(run=_edit_coverage)
 
     evaluate = commands.add_parser(
         "evaluate", help="UA / IRA / CRA of both methods with tuned strengths, and sequential erasure (resumable)"

@@ -685,6 +685,52 @@ def ablate_blocks(
     return report
 
 
+@torch.no_grad()
+def edit_coverage(
+    studio: Studio,
+    classifier: MiniCanvasClassifier,
+    results: Mapping,
+    method: str = "saemnesia",
+    kind: str = "object",
+) -> dict[str, dict]:
+    """Where an erasure fails: for each concept the benchmark tuned, at its tuned setting, the share of
+    the hooked block's tokens the edit changed (over steps, conditional rows) on the images where the
+    concept survived and on those where it was erased.
+
+    If the survivors had markedly fewer edited tokens, the concept would be slipping past the edit's
+    threshold; if not, it reaches the image by other blocks. The benchmark's held-out prompts naming the
+    concept, at its held-out seeds, each image made beside its original (which is not counted).
+    """
+    protocol, report = results["protocol"], {}
+    block = studio.world.block_for(kind)
+    for concept, entry in results["methods"][method]["concepts"].items():
+        if entry["kind"] != kind:
+            continue
+        chosen = entry["chosen"]
+        specs = balanced_prompts(studio.world, [concept], protocol["heldout_concept_prompts"])
+        shares: dict[str, list[float]] = {"survived": [], "erased": []}
+        for seed in protocol["heldout_seeds"]:
+            result = studio.erase(
+                [spec.text for spec in specs],
+                [concept],
+                method,
+                chosen["strength"],
+                seed=seed,
+                features_per_step=chosen["features_per_step"],
+                record=True,
+            )
+            edited = result.traces[block].edited[:, len(specs) :].float().mean((0, 2))
+            for share, verdict in zip(edited.tolist(), classify(classifier, result.erased)):
+                seen = verdict.object if kind == "object" else verdict.style
+                shares["survived" if seen == concept else "erased"].append(share)
+        report[concept] = {
+            "images": sum(map(len, shares.values())),
+            "survived": len(shares["survived"]),
+            **{f"edited_share_{group}": _round(_mean(values)) for group, values in shares.items()},
+        }
+    return report
+
+
 # --- The benchmark -------------------------------------------------------------------------------
 
 

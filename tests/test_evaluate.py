@@ -30,6 +30,7 @@ from saemnesia.evaluate import (
     balanced_prompts,
     ceiling,
     choose_setting,
+    edit_coverage,
     erasure_metrics,
     evaluate,
     planned_images,
@@ -253,6 +254,20 @@ def test_quick_mode_tunes_on_tuning_seeds_and_reports_on_heldout_ones(quick_run)
         assert set(results["methods"][method]["summary"]) == {"object", "style"}
         steps = results["methods"][method]["sequential"]
         assert [step["erased"] for step in steps] == [["circle"], ["circle", "square"]]
+
+
+def test_edit_coverage_splits_the_heldout_images_as_the_benchmark_judged_them(quick_run):
+    studio, classifier, _, results = quick_run
+    coverage = edit_coverage(studio, classifier, results)
+    assert list(coverage) == ["circle", "square", "star"]
+    for concept, entry in coverage.items():
+        heldout = results["methods"]["saemnesia"]["concepts"][concept]["heldout"]
+        assert entry["images"] == QUICK.heldout_concept_prompts * len(QUICK.heldout_seeds)
+        # The same images the benchmark made: as many survivors as its held-out UA says.
+        assert entry["survived"] == round((100 - heldout["ua"]) / 100 * entry["images"])
+        for group in ("survived", "erased"):
+            share = entry[f"edited_share_{group}"]
+            assert share is None or 0 <= share <= 1
 
 
 def test_quick_mode_writes_json_table_and_plots(quick_run, tmp_path):
