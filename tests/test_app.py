@@ -22,7 +22,7 @@ def served(tiny_studio):
     demo = studio_app.build_app(tiny_studio, classifier=None)
     demo.queue(default_concurrency_limit=1, max_size=8)
     port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, show_error=True)
     yield f"http://127.0.0.1:{port}/"
     demo.close()
 

@@ -63,7 +63,7 @@ def serve(studio: Studio, max_size: int) -> tuple[gr.Blocks, str]:
     demo = studio_app.build_app(studio, classifier=None)
     demo.queue(default_concurrency_limit=1, max_size=max_size)
     port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, show_error=True)
     return demo, f"http://127.0.0.1:{port}/"
 
 
