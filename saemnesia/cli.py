@@ -92,7 +92,9 @@ def _load_studio(args: argparse.Namespace):
     from saemnesia.studio import Studio
     from saemnesia.worlds import WORLDS
 
-    return Studio.load(WORLDS[args.world], device=args.device, model=args.model)
+    extra_object_blocks = getattr(args, "extra_object_block", None)
+    extra_blocks = {"object": extra_object_blocks} if extra_object_blocks else None
+    return Studio.load(WORLDS[args.world], device=args.device, model=args.model, extra_blocks=extra_blocks)
 
 
 def _add_world_arguments(parser: argparse.ArgumentParser) -> None:
@@ -164,16 +166,17 @@ def _training_world(args: argparse.Namespace):
     from saemnesia.worlds import WORLDS
 
     world = WORLDS[args.world]
-    return world, world.block_for(args.kind), Path(args.activations or f"runs/{world.name}-activations")
+    block = args.block or world.block_for(args.kind)
+    return world, block, Path(args.activations or f"runs/{world.name}-activations")
 
 
-def _sae_folder(world, variant: str, kind: str, given: str | None) -> Path:
+def _sae_folder(world, variant: str, kind: str, given: str | None, block: str | None = None) -> Path:
     """The folder given, or the world's `assets/<world>/sae/<variant>/<hook point>/`."""
     if given:
         return Path(given)
     if world.assets is None:
         raise ValueError(f"World '{world.name}' has no assets folder: give the SAE folder explicitly.")
-    return world.sae_folder(variant, kind)
+    return world.sae_folder(variant, kind, block)
 
 
 def _processes(args: argparse.Namespace):
@@ -241,7 +244,7 @@ def _train_sae(args: argparse.Namespace) -> None:
     parallel = processes if processes.num_processes > 1 else None
     sae, report = train_sae(Activations.open(activations), block, config, device=device, processes=parallel)
     if processes.is_main_process:
-        out = _sae_folder(world, "unsupervised", args.kind, args.out)
+        out = _sae_folder(world, "unsupervised", args.kind, args.out, block)
         save_sae(sae, report, out)
         print(json.dumps({"sae": str(out), "heldout": report["heldout"]}))
 
@@ -254,7 +257,7 @@ def _stats(args: argparse.Namespace) -> None:
     from saemnesia.worlds import default_device
 
     world, block, activations = _training_world(args)
-    folder = _sae_folder(world, args.variant, args.kind, args.sae)
+    folder = _sae_folder(world, args.variant, args.kind, args.sae, block)
     if args.sae_source:
         # A published SAE (hub id or download) is copied into the folder its statistics go to.
         from saemnesia.sae import load_sae
@@ -280,8 +283,8 @@ def _finetune(args: argparse.Namespace) -> None:
     from saemnesia.worlds import default_device
 
     world, block, folder = _training_world(args)
-    source = _sae_folder(world, "unsupervised", args.kind, args.sae)
-    out = _sae_folder(world, "supervised", args.kind, args.out)
+    source = _sae_folder(world, "unsupervised", args.kind, args.sae, block)
+    out = _sae_folder(world, "supervised", args.kind, args.out, block)
     dictionary = ConceptDictionary.load(source / DICTIONARY_FILE)
     activations = Activations.open(folder)
     config = FinetuneConfig(
@@ -315,8 +318,8 @@ def _centralisation(args: argparse.Namespace) -> None:
 
     world = WORLDS[args.world]
     folders = {
-        "unsupervised": _sae_folder(world, "unsupervised", args.kind, args.unsupervised),
-        "supervised": _sae_folder(world, "supervised", args.kind, args.supervised),
+        "unsupervised": _sae_folder(world, "unsupervised", args.kind, args.unsupervised, args.block),
+        "supervised": _sae_folder(world, "supervised", args.kind, args.supervised, args.block),
     }
     variants = {
         variant: (ConceptStats.load(folder / STATS_FILE), ConceptDictionary.load(folder / DICTIONARY_FILE))
@@ -329,7 +332,7 @@ def _centralisation(args: argparse.Namespace) -> None:
         variant: decoder_overlap(Sae.load(folders[variant]), dictionary)
         for variant, (_, dictionary) in variants.items()
     }
-    report = centralisation_report(variants, world.block_for(args.kind), overlaps)
+    report = centralisation_report(variants, args.block or world.block_for(args.kind), overlaps)
     out = Path(args.out) if args.out else folders[list(variants)[-1]] / CENTRALISATION_FILE
     write_centralisation(report, out)
     print(centralisation_table(report))
@@ -358,6 +361,8 @@ def _evaluate(args: argparse.Namespace) -> None:
         protocol = dataclasses.replace(
             protocol, name=f"{protocol.name}-from-step-{args.start_step}", start_step=args.start_step
         )
+    if args.extra_object_block:
+        protocol = dataclasses.replace(protocol, name=f"{protocol.name}-plus-{'-'.join(args.extra_object_block)}")
     results = evaluate(studio, classifier, protocol, cache=Path(args.cache))
     paths = write_results(results, Path(args.out))
     print(results_table(results))
@@ -474,6 +479,7 @@ def _gpu_smoke(args: argparse.Namespace) -> None:
 def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--world", choices=["minicanvas", "sd"], default="minicanvas")
     parser.add_argument("--kind", choices=["object", "style"], default="object", help="the world's hook point for it")
+    parser.add_argument("--block", help="another hook point for the SAE (default: the world's for --kind)")
     parser.add_argument("--activations", help="collected activations (default: runs/<world>-activations)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA if present)")
 
@@ -622,6 +628,7 @@ def build_parser() -> argparse.ArgumentParser:
     centralisation = commands.add_parser("centralisation", help="score share of each concept's best latent")
     centralisation.add_argument("--world", choices=["minicanvas", "sd"], default="minicanvas")
     centralisation.add_argument("--kind", choices=["object", "style"], default="object")
+    centralisation.add_argument("--block", help="another hook point (default: the world's for --kind)")
     centralisation.add_argument("--unsupervised", help="unsupervised SAE folder (default: the world's)")
     centralisation.add_argument("--supervised", help="supervised SAE folder (default: the world's)")
     centralisation.add_argument("--out", help="JSON report (default: centralisation.json in the supervised folder)")
@@ -655,6 +662,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--start-step", type=int, default=0, help="both methods edit from this step on (default 0)")
     evaluate.add_argument(
         "--tuning-seeds", type=int, help="search strengths on this many seeds from 50000 (default: the protocol's 1)"
+    )
+    evaluate.add_argument(
+        "--extra-object-block",
+        action="append",
+        help="erase objects at this block too, with its SAEs in assets (train-sae --block); repeat for several",
     )
     evaluate.set_defaults(run=_evaluate)
 

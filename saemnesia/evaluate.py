@@ -29,7 +29,7 @@ and retraining one method's SAE remakes only that method's images.
 The JSON `write_results` writes (`evaluation.json`, or `evaluation-quick.json`); metrics in % with
 2 decimals, null where undefined (e.g. IRA with no concept left):
     schema: 1; world; protocol: the `Protocol` fields and `rules` (how settings were chosen)
-    settings: {steps, guidance, height, width, model, object_block, style_block, fingerprint}
+    settings: {steps, guidance, height, width, model, object_block, style_block, extra_blocks, fingerprint}
     ceiling: {object_accuracy, style_accuracy, images, per_concept: {concept: accuracy on its kind}}
     methods: {"saemnesia" | "saeuron": {
         concepts: {concept: {kind, chosen: {strength, features_per_step, tuning_score},
@@ -519,12 +519,12 @@ def fingerprint(studio: Studio, classifier: MiniCanvasClassifier, method: str | 
     pipeline = studio.pipeline
     networks = [pipeline.unet, pipeline.text_encoder, pipeline.vae, classifier]
     for key in sorted(key for key in studio.bundles if method in (None, key[0])):
-        bundle = studio.bundles[key]
-        networks.append(bundle.sae)
-        digest.update(json.dumps([key, bundle.block, bundle.stats.concepts]).encode())
-        digest.update(bundle.stats.mean_acts.float().contiguous().numpy().tobytes())
-        if bundle.dictionary is not None:
-            digest.update(json.dumps(bundle.dictionary.latents, sort_keys=True).encode())
+        for bundle in (studio.bundles[key], *studio.extra_bundles.get(key, ())):
+            networks.append(bundle.sae)
+            digest.update(json.dumps([key, bundle.block, bundle.stats.concepts]).encode())
+            digest.update(bundle.stats.mean_acts.float().contiguous().numpy().tobytes())
+            if bundle.dictionary is not None:
+                digest.update(json.dumps(bundle.dictionary.latents, sort_keys=True).encode())
     for network in networks:
         tensors = list(network.state_dict().values())
         for tensor in tensors[:1] + tensors[-1:]:
@@ -754,8 +754,8 @@ def _check_ready(studio: Studio, classifier: MiniCanvasClassifier, concepts: lis
         for kind in KINDS:
             if not any(world.kind_of(c) == kind for c in concepts):
                 continue
-            bundle = studio.bundles.get((method, kind))
-            if bundle is None or (method == "saemnesia" and bundle.dictionary is None):
+            bundles = [studio.bundles.get((method, kind)), *studio.extra_bundles.get((method, kind), ())]
+            if any(bundle is None or (method == "saemnesia" and bundle.dictionary is None) for bundle in bundles):
                 raise ValueError(
                     f"The benchmark needs a {method} SAE for {kind}s with statistics"
                     f"{' and a dictionary' if method == 'saemnesia' else ''}: train it first (see README)."
@@ -824,6 +824,11 @@ def evaluate(
             "model": portable_name(studio.pipeline.name_or_path or world.model),
             "object_block": world.object_block,
             "style_block": world.style_block,
+            "extra_blocks": {
+                kind: [bundle.block for bundle in bundles]
+                for (method, kind), bundles in studio.extra_bundles.items()
+                if method == "saemnesia"
+            },
             "fingerprint": tag,
         },
         "ceiling": ceiling(list(untouched.values()), kinds),

@@ -7,6 +7,7 @@ they enter, so bad input gets one clear message whichever door it came through.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,16 +59,40 @@ class SaeBundle:
         return cls(Sae.load(folder, device, dtype), block, ConceptStats.load(folder / STATS_FILE), dictionary)
 
 
+def _load_checked(pipeline: StableDiffusionPipeline, folder: Path, block: str) -> SaeBundle:
+    """An extra hook point's bundle, which unlike the world's own must be there."""
+    if not (folder / STATS_FILE).is_file():
+        raise FileNotFoundError(
+            f"No SAE statistics in {folder}: train an SAE on {block} first "
+            f"(`python -m saemnesia train-sae --block {block}`, then `stats` and `finetune` with the same --block)."
+        )
+    bundle = SaeBundle.load(folder, block, str(pipeline.device), pipeline.unet.dtype)
+    check_sae_fits(pipeline, bundle.sae, block)
+    return bundle
+
+
 @dataclass
 class Studio:
     world: World
     pipeline: StableDiffusionPipeline
     bundles: dict[tuple[str, str], SaeBundle] = field(default_factory=dict)
-    """By (method, kind), e.g. ("saemnesia", "object")."""
+    """By (method, kind), e.g. ("saemnesia", "object"): the SAEs on the world's hook points."""
+    extra_bundles: dict[tuple[str, str], tuple[SaeBundle, ...]] = field(default_factory=dict)
+    """SAEs on further blocks that erase the same kind alongside (`load`'s `extra_blocks`)."""
 
     @classmethod
-    def load(cls, world: World, device: str | None = None, model: str | None = None) -> Studio:
+    def load(
+        cls,
+        world: World,
+        device: str | None = None,
+        model: str | None = None,
+        extra_blocks: Mapping[str, Sequence[str]] | None = None,
+    ) -> Studio:
         """Load the world's pipeline and every SAE bundle its assets hold (missing ones are skipped).
+
+        `extra_blocks` (by kind) adds hook points where that kind is erased too, each with its own SAEs
+        and statistics in `assets/<world>/sae/<variant>/<block>/` (both methods' are required): a concept
+        that also reaches the image through another block can be erased there as well.
 
         The SAEs compute in the UNet's dtype (float16 on CUDA): in float32 beside a float16 UNet their
         matmul alone would cost twice what its multiply-adds are worth, on a GPU. The codes are the same
@@ -82,7 +107,13 @@ class Studio:
                         folder, world.block_for(kind), str(pipeline.device), pipeline.unet.dtype
                     )
                     check_sae_fits(pipeline, bundles[method, kind].sae, bundles[method, kind].block)
-        return cls(world, pipeline, bundles)
+        extra_bundles = {}
+        for kind, blocks in (extra_blocks or {}).items():
+            for method, variant in VARIANT_OF_METHOD.items():
+                extra_bundles[method, kind] = tuple(
+                    _load_checked(pipeline, world.sae_folder(variant, kind, block), block) for block in blocks
+                )
+        return cls(world, pipeline, bundles, extra_bundles)
 
     def check_prompt(self, prompt: object) -> tuple[str, str | None]:
         """The prompt, and a warning if the tokenizer will truncate it."""
@@ -130,7 +161,8 @@ class Studio:
         features_per_step: int = 1,
         record: bool = False,
     ) -> list[SaeHook]:
-        """The SAE hooks that erase `concepts` (objects at the object block, styles at the style block)."""
+        """The SAE hooks that erase `concepts` (objects at the object block, styles at the style block, and
+        each kind at its extra blocks)."""
         if method not in METHODS:
             raise SettingsError(f"method must be one of {', '.join(METHODS)}, got {method!r}.")
         check_strength(strength)
@@ -146,13 +178,14 @@ class Studio:
                         f"No {method} SAE for {kind}s in this world: train one (`python -m saemnesia finetune`)."
                     )
                 continue
-            erasure = None
-            if chosen and method == "saemnesia":
-                erasure = saemnesia_erasure(bundle.stats, bundle.dictionary, chosen, strength, start_step)
-            elif chosen:
-                erasure = saeuron_erasure(bundle.stats, chosen, strength, features_per_step, start_step)
-            if erasure is not None or record:
-                hooks.append(SaeHook(bundle.block, bundle.sae, erasure, record))
+            for each in (bundle, *self.extra_bundles.get((method, kind), ())):
+                erasure = None
+                if chosen and method == "saemnesia":
+                    erasure = saemnesia_erasure(each.stats, each.dictionary, chosen, strength, start_step)
+                elif chosen:
+                    erasure = saeuron_erasure(each.stats, chosen, strength, features_per_step, start_step)
+                if erasure is not None or record:
+                    hooks.append(SaeHook(each.block, each.sae, erasure, record))
         return hooks
 
     def generate(

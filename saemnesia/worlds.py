@@ -102,9 +102,10 @@ class World:
     def block_for(self, kind: str) -> str:
         return self.object_block if kind == "object" else self.style_block
 
-    def sae_folder(self, variant: str, kind: str) -> Path:
-        """`assets/<world>/sae/<supervised|unsupervised>/<hook point>/`, sparsify's layout per hook point."""
-        return self.assets / "sae" / variant / self.block_for(kind)
+    def sae_folder(self, variant: str, kind: str, block: str | None = None) -> Path:
+        """`assets/<world>/sae/<supervised|unsupervised>/<hook point>/`, sparsify's layout per hook point
+        (the world's hook point for `kind` unless `block` names another)."""
+        return self.assets / "sae" / variant / (block or self.block_for(kind))
 
     def prompt(self, object_name: str, style: str, template: str | None = None) -> str:
         """Concept names with underscores read with spaces, as UnlearnCanvas writes `Artist_Sketch`."""

@@ -370,6 +370,19 @@ def test_evaluate_command_tunes_on_more_seeds_under_its_own_name(monkeypatch, tm
         cli.main(["evaluate", "--quick", "--tuning-seeds", "0", "--out", str(tmp_path), "--classifier", "x"])
 
 
+def test_evaluate_command_erases_at_extra_blocks_under_its_own_name(monkeypatch, tmp_path):
+    loaded, seen = [], []
+    monkeypatch.setattr(Studio, "load", lambda world, **kwargs: loaded.append(kwargs["extra_blocks"]) or tiny_studio())
+    monkeypatch.setattr(classifier_module, "load_classifier", lambda folder, device: tiny_classifier())
+    monkeypatch.setattr(evaluate_module, "evaluate", lambda studio, classifier, protocol, cache: seen.append(protocol))
+    monkeypatch.setattr(evaluate_module, "write_results", lambda results, out: {})
+    monkeypatch.setattr(evaluate_module, "results_table", lambda results: "")
+    extra = ["--extra-object-block", "mid_block.attentions.0", "--extra-object-block", "up_blocks.0.attentions.1"]
+    cli.main(["evaluate", "--quick", *extra, "--out", str(tmp_path), "--classifier", "x"])
+    assert loaded == [{"object": ["mid_block.attentions.0", "up_blocks.0.attentions.1"]}]
+    assert seen[0].name == "quick-plus-mid_block.attentions.0-up_blocks.0.attentions.1"
+
+
 def test_evaluate_command_defaults():
     args = build_parser().parse_args(["evaluate", "--quick"])
     assert (args.world, args.quick, args.out, args.cache) == (

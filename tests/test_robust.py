@@ -36,6 +36,7 @@ from safetensors.torch import load_file
 import app as studio_app
 from saemnesia import cli, generate
 from saemnesia.concepts import ConceptStats, build_dictionary
+from saemnesia.evaluate import fingerprint
 from saemnesia.generate import model_lock, sampler_timesteps
 from saemnesia.hooks import get_block
 from saemnesia.loadtest import free_port, load_test
@@ -85,9 +86,9 @@ def client(served, tmp_path_factory) -> Client:
     return visitor(served, tmp_path_factory.mktemp("downloads"))
 
 
-def write_assets(root: Path, block: str, sae: Sae, timesteps: torch.Tensor) -> None:
-    """A world's assets folder holding one supervised object SAE at `block`, with statistics and dictionary."""
-    folder = root / "sae" / "supervised" / block
+def write_assets(root: Path, block: str, sae: Sae, timesteps: torch.Tensor, variant: str = "supervised") -> None:
+    """A world's assets folder holding one object SAE at `block`, with statistics and dictionary."""
+    folder = root / "sae" / variant / block
     sae.save(folder)
     mean_acts = torch.rand(3, len(timesteps), sae.num_latents, generator=torch.Generator().manual_seed(0))
     stats = ConceptStats(["star", "circle", "heart"], ["object"] * 3, timesteps, mean_acts)
@@ -632,6 +633,31 @@ def test_every_loader_reads_only_safetensors_and_json(files, unpickling, tmp_pat
     MiniCanvasClassifier(ClassifierConfig(channels=(4, 4, 4))).save(tmp_path / "classifier")
     assert load_classifier(tmp_path / "classifier").config.channels == (4, 4, 4)
     assert unpickling == []
+
+
+def test_extra_blocks_erase_objects_there_too_and_must_exist_and_fit(files, tmp_path):
+    """A second object block erases the same objects with its own SAEs; the world's hook is unchanged."""
+    assets, extra = tmp_path / "assets", "up_blocks.1.attentions.0"
+    timesteps = torch.tensor(sampler_timesteps(load_pipeline(str(files / "model"), device="cpu"), MINICANVAS.steps))
+    for variant in ("supervised", "unsupervised"):
+        for block in (BLOCK, extra):
+            write_assets(assets, block, make_tiny_sae(), timesteps, variant)
+    world = tiny_world(files / "model", assets)
+    one, two = Studio.load(world, "cpu"), Studio.load(world, "cpu", extra_blocks={"object": [extra]})
+    for method in ("saemnesia", "saeuron"):
+        assert [hook.block for hook in one.hooks(["star"], method, -10.0)] == [BLOCK]
+        assert [hook.block for hook in two.hooks(["star"], method, -10.0)] == [BLOCK, extra]
+    prompt = "a star in neon style"
+    alone, together = (studio.erase([prompt], ["star"], seed=0, steps=2) for studio in (one, two))
+    assert np.array_equal(np.asarray(alone.originals[0]), np.asarray(together.originals[0]))
+    assert not np.array_equal(np.asarray(alone.erased[0]), np.asarray(together.erased[0]))
+    classifier = MiniCanvasClassifier(ClassifierConfig(objects=world.objects, channels=(4, 4, 4)))
+    assert fingerprint(one, classifier) != fingerprint(two, classifier)
+    with pytest.raises(FileNotFoundError, match=r"train an SAE on up_blocks\.0\.attentions\.1 first"):
+        Studio.load(world, "cpu", extra_blocks={"object": ["up_blocks.0.attentions.1"]})
+    write_assets(assets, "mid_block.attentions.0", make_tiny_sae(), timesteps)
+    with pytest.raises(ValueError, match="mid_block.attentions.0"):
+        Studio.load(world, "cpu", extra_blocks={"object": ["mid_block.attentions.0"]})
 
 
 def test_pickle_only_folders_are_refused_without_being_read(files, unpickling):

@@ -346,10 +346,12 @@ def test_centralisation_report_compares_variants(tmp_path):
 
 def test_cli_trains_takes_stats_fine_tunes_and_reports(activations, tmp_path, capsys):
     unsupervised, supervised = tmp_path / "unsupervised", tmp_path / "supervised"
-    common = ["--activations", str(activations.folder), "--kind", "style", "--device", "cpu"]
+    # The style block's tokens, named as another hook point for objects: `--block` decides what is read.
+    block = ["--kind", "object", "--block", TINY_WORLD.style_block]
+    common = ["--activations", str(activations.folder), *block, "--device", "cpu"]
     main(["train-sae", *common, "--out", str(unsupervised), "--expansion-factor", "4", "--k", "4"]
          + ["--batch-size", "256", "--epochs", "2", "--learning-rate", "3e-3", "--holdout", "0.2"])  # fmt: skip
-    assert (unsupervised / "cfg.json").is_file() and (unsupervised / "training.json").is_file()
+    assert json.loads((unsupervised / "training.json").read_text())["block"] == TINY_WORLD.style_block
     main(["stats", *common, "--sae", str(unsupervised)])
     stats = ConceptStats.load(unsupervised / "stats.safetensors")
     dictionary = ConceptDictionary.load(unsupervised / "dictionary.json")
@@ -361,7 +363,8 @@ def test_cli_trains_takes_stats_fine_tunes_and_reports(activations, tmp_path, ca
     assert ConceptStats.load(supervised / "stats.safetensors").mean_acts.shape == (4, 2, 128)
     config = json.loads((supervised / "training.json").read_text())["config"]
     assert config["supervision"] == "ce" and config["concept_weight"] == 10.0
-    main(["centralisation", "--kind", "style", "--unsupervised", str(unsupervised), "--supervised", str(supervised)])
+    main(["centralisation", *block, "--unsupervised", str(unsupervised), "--supervised", str(supervised)])
     report = json.loads((supervised / "centralisation.json").read_text())
+    assert report["block"] == TINY_WORLD.style_block
     assert report["variants"] == ["unsupervised", "supervised"] and len(report["concepts"]) == 4
     assert "| circle | object |" in capsys.readouterr().out
