@@ -391,7 +391,8 @@ def _edit_coverage(args: argparse.Namespace) -> None:
     results = benchmark_results(studio.world)
     if results is None:
         raise SystemExit("No benchmark results for this world: run `python -m saemnesia evaluate` first.")
-    print(json.dumps(edit_coverage(studio, classifier, results, args.method, args.kind), indent=2))
+    grid = Path(args.grid) if args.grid else None
+    print(json.dumps(edit_coverage(studio, classifier, results, args.method, args.kind, grid), indent=2))
 
 
 def _nudity_concept(args: argparse.Namespace) -> None:
@@ -644,11 +645,13 @@ def build_parser() -> argparse.ArgumentParser:
     ablate.set_defaults(run=_ablate_blocks)
 
     coverage = commands.add_parser(
-        "edit-coverage", help="tokens the tuned edit changed, on images where the concept survived and where not"
+        "edit-coverage",
+        help="tokens the tuned edit changed, and the classifier's certainty, on images where the concept survived",
     )
     _add_classifier_world_arguments(coverage)
     coverage.add_argument("--method", choices=["saemnesia", "saeuron"], default="saemnesia")
     coverage.add_argument("--kind", choices=["object", "style"], default="object")
+    coverage.add_argument("--grid", help="PNG of the survivors: original | erased, one a row")
     coverage.set_defaults(run=_edit_coverage)
 
     evaluate = commands.add_parser(

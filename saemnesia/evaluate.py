@@ -66,6 +66,7 @@ from typing import NamedTuple
 import torch
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -73,7 +74,7 @@ from saemnesia.concepts import check_concepts
 from saemnesia.erase import METHODS, features_for_percentile
 from saemnesia.generate import model_lock
 from saemnesia.hooks import hook_points, hooked_block
-from saemnesia.minicanvas.classifier import MiniCanvasClassifier, classify
+from saemnesia.minicanvas.classifier import MiniCanvasClassifier, Verdict, classify
 from saemnesia.studio import Studio
 from saemnesia.worlds import World, portable_name
 
@@ -685,23 +686,31 @@ def ablate_blocks(
     return report
 
 
-@torch.no_grad()
+CONFIDENT = 0.9
+"""A survivor the classifier names with at least this probability (originals: 0.95-1.0) is counted as
+confident; below it, the label is more likely the forced choice of a classifier without a "none" class."""
+
+
 def edit_coverage(
     studio: Studio,
     classifier: MiniCanvasClassifier,
     results: Mapping,
     method: str = "saemnesia",
     kind: str = "object",
+    grid: Path | None = None,
 ) -> dict[str, dict]:
     """Where an erasure fails: for each concept the benchmark tuned, at its tuned setting, the share of
     the hooked block's tokens the edit changed (over steps, conditional rows) on the images where the
-    concept survived and on those where it was erased.
+    concept survived and on those where it was erased, and how sure the classifier is of the survivors.
 
     If the survivors had markedly fewer edited tokens, the concept would be slipping past the edit's
-    threshold; if not, it reaches the image by other blocks. The benchmark's held-out prompts naming the
-    concept, at its held-out seeds, each image made beside its original (which is not counted).
+    threshold. The classifier must name one of the world's concepts, so an image left with no object at
+    all is still given one: its probability on survivors against that on the originals tells a concept
+    that stayed from a forced choice, and `grid` (a PNG of original | erased pairs, one survivor a row)
+    lets one look. The benchmark's held-out prompts naming the concept, at its held-out seeds, each image
+    made beside its original.
     """
-    protocol, report = results["protocol"], {}
+    protocol, report, pairs = results["protocol"], {}, []
     block = studio.world.block_for(kind)
     for concept, entry in results["methods"][method]["concepts"].items():
         if entry["kind"] != kind:
@@ -709,6 +718,7 @@ def edit_coverage(
         chosen = entry["chosen"]
         specs = balanced_prompts(studio.world, [concept], protocol["heldout_concept_prompts"])
         shares: dict[str, list[float]] = {"survived": [], "erased": []}
+        survivor_probs, original_probs = [], []
         for seed in protocol["heldout_seeds"]:
             result = studio.erase(
                 [spec.text for spec in specs],
@@ -720,15 +730,44 @@ def edit_coverage(
                 record=True,
             )
             edited = result.traces[block].edited[:, len(specs) :].float().mean((0, 2))
-            for share, verdict in zip(edited.tolist(), classify(classifier, result.erased)):
+            originals, erased = classify(classifier, result.originals), classify(classifier, result.erased)
+            for index, (share, original, verdict) in enumerate(zip(edited.tolist(), originals, erased)):
+                original_probs.append(_probability(classifier, original, concept, kind))
                 seen = verdict.object if kind == "object" else verdict.style
                 shares["survived" if seen == concept else "erased"].append(share)
+                if seen == concept:
+                    survivor_probs.append(_probability(classifier, verdict, concept, kind))
+                    pairs.append((result.originals[index], result.erased[index]))
         report[concept] = {
             "images": sum(map(len, shares.values())),
             "survived": len(shares["survived"]),
+            "confident_survivors": sum(prob >= CONFIDENT for prob in survivor_probs),
             **{f"edited_share_{group}": _round(_mean(values)) for group, values in shares.items()},
+            "probability_survivors": _round(_mean(survivor_probs)),
+            "probability_originals": _round(_mean(original_probs)),
         }
+    if grid is not None:
+        _pair_grid(pairs).save(grid)
     return report
+
+
+def _probability(classifier: MiniCanvasClassifier, verdict: Verdict, concept: str, kind: str) -> float:
+    """The classifier's probability of `concept` in the image of `verdict`."""
+    if kind == "object":
+        return float(verdict.object_probs[classifier.config.objects.index(concept)])
+    return float(verdict.style_probs[classifier.config.styles.index(concept)])
+
+
+def _pair_grid(pairs: Sequence[tuple[Image.Image, Image.Image]], scale: int = 3) -> Image.Image:
+    """Original | erased, one pair a row, enlarged `scale` times without smoothing."""
+    if not pairs:
+        return Image.new("RGB", (1, 1), "white")
+    width, height = (side * scale for side in pairs[0][0].size)
+    grid = Image.new("RGB", (2 * width + scale * 2, height * len(pairs)), "white")
+    for row, (original, erased) in enumerate(pairs):
+        grid.paste(original.resize((width, height), Image.NEAREST), (0, row * height))
+        grid.paste(erased.resize((width, height), Image.NEAREST), (width + scale * 2, row * height))
+    return grid
 
 
 # --- The benchmark -------------------------------------------------------------------------------

@@ -256,18 +256,22 @@ def test_quick_mode_tunes_on_tuning_seeds_and_reports_on_heldout_ones(quick_run)
         assert [step["erased"] for step in steps] == [["circle"], ["circle", "square"]]
 
 
-def test_edit_coverage_splits_the_heldout_images_as_the_benchmark_judged_them(quick_run):
+def test_edit_coverage_splits_the_heldout_images_as_the_benchmark_judged_them(quick_run, tmp_path):
     studio, classifier, _, results = quick_run
-    coverage = edit_coverage(studio, classifier, results)
+    coverage = edit_coverage(studio, classifier, results, grid=tmp_path / "survivors.png")
     assert list(coverage) == ["circle", "square", "star"]
     for concept, entry in coverage.items():
         heldout = results["methods"]["saemnesia"]["concepts"][concept]["heldout"]
         assert entry["images"] == QUICK.heldout_concept_prompts * len(QUICK.heldout_seeds)
         # The same images the benchmark made: as many survivors as its held-out UA says.
         assert entry["survived"] == round((100 - heldout["ua"]) / 100 * entry["images"])
-        for group in ("survived", "erased"):
-            share = entry[f"edited_share_{group}"]
-            assert share is None or 0 <= share <= 1
+        assert 0 <= entry["confident_survivors"] <= entry["survived"]
+        for value in (entry["edited_share_survived"], entry["edited_share_erased"], entry["probability_survivors"]):
+            assert value is None or 0 <= value <= 1
+        assert 0 < entry["probability_originals"] <= 1
+    survivors = sum(entry["survived"] for entry in coverage.values())
+    with Image.open(tmp_path / "survivors.png") as grid:  # one row per survivor, original beside erased
+        assert grid.height == max(1, survivors * 3 * TINY_WORLD.height)
 
 
 def test_quick_mode_writes_json_table_and_plots(quick_run, tmp_path):
