@@ -691,6 +691,7 @@ CONFIDENT = 0.9
 confident; below it, the label is more likely the forced choice of a classifier without a "none" class."""
 
 
+@torch.no_grad()
 def edit_coverage(
     studio: Studio,
     classifier: MiniCanvasClassifier,
