@@ -732,13 +732,14 @@ def edit_coverage(
             )
             edited = result.traces[block].edited[:, len(specs) :].float().mean((0, 2))
             originals, erased = classify(classifier, result.originals), classify(classifier, result.erased)
-            for index, (share, original, verdict) in enumerate(zip(edited.tolist(), originals, erased)):
+            images = zip(result.originals, result.erased)
+            for share, original, verdict, pair in zip(edited.tolist(), originals, erased, images):
                 original_probs.append(_probability(classifier, original, concept, kind))
                 seen = verdict.object if kind == "object" else verdict.style
                 shares["survived" if seen == concept else "erased"].append(share)
                 if seen == concept:
                     survivor_probs.append(_probability(classifier, verdict, concept, kind))
-                    pairs.append((result.originals[index], result.erased[index]))
+                    pairs.append(pair)
         report[concept] = {
             "images": sum(map(len, shares.values())),
             "survived": len(shares["survived"]),

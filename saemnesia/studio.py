@@ -59,16 +59,21 @@ class SaeBundle:
         return cls(Sae.load(folder, device, dtype), block, ConceptStats.load(folder / STATS_FILE), dictionary)
 
 
-def _load_checked(pipeline: StableDiffusionPipeline, folder: Path, block: str) -> SaeBundle:
+def _load_fitted(pipeline: StableDiffusionPipeline, folder: Path, block: str) -> SaeBundle:
+    """The bundle in `folder`, on the pipeline's device and dtype, refused if it does not fit `block`."""
+    bundle = SaeBundle.load(folder, block, str(pipeline.device), pipeline.unet.dtype)
+    check_sae_fits(pipeline, bundle.sae, block)
+    return bundle
+
+
+def _load_extra(pipeline: StableDiffusionPipeline, folder: Path, block: str) -> SaeBundle:
     """An extra hook point's bundle, which unlike the world's own must be there."""
     if not (folder / STATS_FILE).is_file():
         raise FileNotFoundError(
             f"No SAE statistics in {folder}: train an SAE on {block} first "
             f"(`python -m saemnesia train-sae --block {block}`, then `stats` and `finetune` with the same --block)."
         )
-    bundle = SaeBundle.load(folder, block, str(pipeline.device), pipeline.unet.dtype)
-    check_sae_fits(pipeline, bundle.sae, block)
-    return bundle
+    return _load_fitted(pipeline, folder, block)
 
 
 @dataclass
@@ -103,15 +108,12 @@ class Studio:
             for kind in ("object", "style"):
                 folder = world.sae_folder(variant, kind) if world.assets else None
                 if folder is not None and (folder / STATS_FILE).is_file():
-                    bundles[method, kind] = SaeBundle.load(
-                        folder, world.block_for(kind), str(pipeline.device), pipeline.unet.dtype
-                    )
-                    check_sae_fits(pipeline, bundles[method, kind].sae, bundles[method, kind].block)
+                    bundles[method, kind] = _load_fitted(pipeline, folder, world.block_for(kind))
         extra_bundles = {}
         for kind, blocks in (extra_blocks or {}).items():
             for method, variant in VARIANT_OF_METHOD.items():
                 extra_bundles[method, kind] = tuple(
-                    _load_checked(pipeline, world.sae_folder(variant, kind, block), block) for block in blocks
+                    _load_extra(pipeline, world.sae_folder(variant, kind, block), block) for block in blocks
                 )
         return cls(world, pipeline, bundles, extra_bundles)
 
