@@ -34,6 +34,7 @@ def _train_classifier(args: argparse.Namespace) -> None:
         device=args.device,
         learning_rate=args.learning_rate,
         eval_images=args.eval_images,
+        no_object_share=args.no_object_share,
     )
 
 
@@ -342,7 +343,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     import dataclasses
 
     from saemnesia.evaluate import PROTOCOLS, evaluate, results_table, write_results
-    from saemnesia.minicanvas.classifier import load_classifier
+    from saemnesia.minicanvas.classifier import NO_OBJECT, load_classifier
 
     studio = _load_studio(args)
     classifier = load_classifier(args.classifier or studio.world.assets / "classifier", device=studio.pipeline.device)
@@ -363,6 +364,8 @@ def _evaluate(args: argparse.Namespace) -> None:
         )
     if args.extra_object_block:
         protocol = dataclasses.replace(protocol, name=f"{protocol.name}-plus-{'-'.join(args.extra_object_block)}")
+    if NO_OBJECT in classifier.config.objects:  # another instrument: its results sit beside the standard ones
+        protocol = dataclasses.replace(protocol, name=f"{protocol.name}-no-object-class")
     results = evaluate(studio, classifier, protocol, cache=Path(args.cache))
     paths = write_results(results, Path(args.out))
     print(results_table(results))
@@ -510,6 +513,12 @@ def build_parser() -> argparse.ArgumentParser:
     train_classifier.add_argument("--learning-rate", type=float, default=3e-3)
     train_classifier.add_argument("--eval-images", type=int, default=2000, help="fresh images to measure accuracy on")
     train_classifier.add_argument("--seed", type=int, default=0)
+    train_classifier.add_argument(
+        "--no-object-share",
+        type=float,
+        default=0.0,
+        help="share of bare backgrounds, labelled 'nothing' (an 11th object class; default 0: none)",
+    )
     train_classifier.add_argument("--device", default="cpu")
     train_classifier.set_defaults(run=_train_classifier)
 

@@ -56,6 +56,7 @@ import math
 import os
 import statistics
 import time
+from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
@@ -702,7 +703,8 @@ def edit_coverage(
 ) -> dict[str, dict]:
     """Where an erasure fails: for each concept the benchmark tuned, at its tuned setting, the share of
     the hooked block's tokens the edit changed (over steps, conditional rows) on the images where the
-    concept survived and on those where it was erased, and how sure the classifier is of the survivors.
+    concept survived and on those where it was erased, how sure the classifier is of the survivors, and
+    what it names the erased images instead.
 
     If the survivors had markedly fewer edited tokens, the concept would be slipping past the edit's
     threshold. The classifier must name one of the world's concepts, so an image left with no object at
@@ -719,7 +721,7 @@ def edit_coverage(
         chosen = entry["chosen"]
         specs = balanced_prompts(studio.world, [concept], protocol["heldout_concept_prompts"])
         shares: dict[str, list[float]] = {"survived": [], "erased": []}
-        survivor_probs, original_probs = [], []
+        survivor_probs, original_probs, named_instead = [], [], Counter()
         for seed in protocol["heldout_seeds"]:
             result = studio.erase(
                 [spec.text for spec in specs],
@@ -740,6 +742,8 @@ def edit_coverage(
                 if seen == concept:
                     survivor_probs.append(_probability(classifier, verdict, concept, kind))
                     pairs.append(pair)
+                else:
+                    named_instead[seen] += 1
         report[concept] = {
             "images": sum(map(len, shares.values())),
             "survived": len(shares["survived"]),
@@ -747,6 +751,7 @@ def edit_coverage(
             **{f"edited_share_{group}": _round(_mean(values)) for group, values in shares.items()},
             "probability_survivors": _round(_mean(survivor_probs)),
             "probability_originals": _round(_mean(original_probs)),
+            "named_instead": dict(named_instead.most_common()),
         }
     if grid is not None:
         _pair_grid(pairs).save(grid)

@@ -12,9 +12,11 @@ from safetensors.torch import load_file, save_file
 from saemnesia.cli import main
 from saemnesia.minicanvas import data
 from saemnesia.minicanvas.classifier import (
+    NO_OBJECT,
     ClassifierConfig,
     ClassifierLoadError,
     MiniCanvasClassifier,
+    _training_batch,
     augment,
     classify,
     load_classifier,
@@ -58,6 +60,32 @@ def test_training_is_deterministic_from_seed(tmp_path):
     train_classifier(tmp_path / "b", steps=2, batch_size=4, seed=3, eval_images=10)
     first, second = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     assert all(torch.equal(first[name], second[name]) for name in first)
+
+
+def test_a_bare_background_is_the_style_without_its_object():
+    bare, drawn = data.draw(None, "pastel", 4), data.draw("circle", "pastel", 4)
+    assert np.array_equal(bare, data.draw(None, "pastel", 4))
+    # Pastel paints one flat colour behind a filled object: with no object the canvas is that colour alone.
+    assert bare.std(axis=(0, 1)).max() < 1e-4 and drawn.std(axis=(0, 1)).max() > 0.1
+
+
+def test_training_batches_hold_bare_backgrounds_only_when_asked():
+    images, object_ids, _ = _training_batch(64, seed=5)
+    assert int(object_ids.max()) < len(data.OBJECTS)
+    again, with_none, _ = _training_batch(64, seed=5, no_object_share=0.5)
+    bare = with_none == len(data.OBJECTS)
+    assert 0 < int(bare.sum()) < 64
+    assert not torch.equal(images, again)
+
+
+def test_a_no_object_class_is_an_eleventh_label_that_round_trips(tmp_path):
+    metrics = train_classifier(tmp_path, steps=2, batch_size=8, seed=0, eval_images=22, no_object_share=0.1)
+    classifier = load_classifier(tmp_path)
+    assert classifier.config.objects == (*data.OBJECTS, NO_OBJECT) and metrics["objects"][-1] == NO_OBJECT
+    assert metrics["command"].endswith("--no-object-share 0.1")
+    assert classify(classifier, [data.draw_pil(None, "neon", 0)])[0].object_probs.shape == (11,)
+    with pytest.raises(ValueError, match=r"no_object_share must be in \[0, 1\), got 1"):
+        train_classifier(tmp_path, steps=1, no_object_share=1)
 
 
 def test_save_load_round_trip_gives_identical_outputs(tmp_path):

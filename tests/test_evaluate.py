@@ -42,7 +42,7 @@ from saemnesia.evaluate import (
 )
 from saemnesia.generate import sampler_timesteps
 from saemnesia.minicanvas import classifier as classifier_module
-from saemnesia.minicanvas.classifier import ClassifierConfig, MiniCanvasClassifier
+from saemnesia.minicanvas.classifier import NO_OBJECT, ClassifierConfig, MiniCanvasClassifier
 from saemnesia.studio import SaeBundle, Studio
 from saemnesia.worlds import MINICANVAS
 
@@ -269,6 +269,8 @@ def test_edit_coverage_splits_the_heldout_images_as_the_benchmark_judged_them(qu
         for value in (entry["edited_share_survived"], entry["edited_share_erased"], entry["probability_survivors"]):
             assert value is None or 0 <= value <= 1
         assert 0 < entry["probability_originals"] <= 1
+        assert sum(entry["named_instead"].values()) == entry["images"] - entry["survived"]
+        assert concept not in entry["named_instead"]
     survivors = sum(entry["survived"] for entry in coverage.values())
     with Image.open(tmp_path / "survivors.png") as grid:  # one row per survivor, original beside erased
         assert grid.height == max(1, survivors * 3 * TINY_WORLD.height)
@@ -385,6 +387,19 @@ def test_evaluate_command_erases_at_extra_blocks_under_its_own_name(monkeypatch,
     cli.main(["evaluate", "--quick", *extra, "--out", str(tmp_path), "--classifier", "x"])
     assert loaded == [{"object": ["mid_block.attentions.0", "up_blocks.0.attentions.1"]}]
     assert seen[0].name == "quick-plus-mid_block.attentions.0-up_blocks.0.attentions.1"
+
+
+def test_evaluate_command_names_results_of_a_classifier_with_a_no_object_class_apart(monkeypatch, tmp_path):
+    seen = []
+    judge = tiny_classifier()
+    judge.config = dataclasses.replace(judge.config, objects=(*judge.config.objects, NO_OBJECT))
+    monkeypatch.setattr(cli, "_load_studio", lambda args: tiny_studio())
+    monkeypatch.setattr(classifier_module, "load_classifier", lambda folder, device: judge)
+    monkeypatch.setattr(evaluate_module, "evaluate", lambda studio, classifier, protocol, cache: seen.append(protocol))
+    monkeypatch.setattr(evaluate_module, "write_results", lambda results, out: {})
+    monkeypatch.setattr(evaluate_module, "results_table", lambda results: "")
+    cli.main(["evaluate", "--protocol", "standard", "--out", str(tmp_path), "--classifier", "x"])
+    assert seen[0].name == "standard-no-object-class"
 
 
 def test_evaluate_command_defaults():

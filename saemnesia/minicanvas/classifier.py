@@ -40,6 +40,8 @@ METRICS_FILE = "metrics.json"
 # Training draws image seeds below this value and evaluation at or above it, so the two never meet.
 EVAL_SEED_OFFSET = 2**30
 EVAL_NOISE_STD = 0.1
+# The label of a bare background, for classifiers trained with a no-object class (`no_object_share`).
+NO_OBJECT = "nothing"
 
 
 class ClassifierLoadError(ValueError):
@@ -219,24 +221,35 @@ def classify(
     return verdicts
 
 
-def _training_batch(batch_size: int, seed: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Freshly drawn images [B, 3, 32, 32] in [0, 1] with object and style ids, deterministic from `seed`."""
+def _training_batch(batch_size: int, seed: int, no_object_share: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+    """Freshly drawn images [B, 3, 32, 32] in [0, 1] with object and style ids, deterministic from `seed`.
+
+    With `no_object_share` > 0 that share of the images is a bare background, labelled `NO_OBJECT`
+    (id `len(data.OBJECTS)`); at 0 the draws are exactly those of a classifier without that class.
+    """
     rng = random.Random(seed)
     images, object_ids, style_ids = [], [], []
     for _ in range(batch_size):
         object_id, style_id = rng.randrange(len(data.OBJECTS)), rng.randrange(len(data.STYLES))
-        images.append(data.draw(data.OBJECTS[object_id], data.STYLES[style_id], rng.randrange(EVAL_SEED_OFFSET)))
+        if no_object_share and rng.random() < no_object_share:
+            object_id = len(data.OBJECTS)
+        object_name = data.OBJECTS[object_id] if object_id < len(data.OBJECTS) else None
+        images.append(data.draw(object_name, data.STYLES[style_id], rng.randrange(EVAL_SEED_OFFSET)))
         object_ids.append(object_id)
         style_ids.append(style_id)
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2), torch.tensor(object_ids), torch.tensor(style_ids)
 
 
-def _evaluation_set(count: int) -> tuple[Tensor, Tensor, Tensor]:
-    """`count` images cycling through every (object, style) pair, from seeds training never draws."""
+def _evaluation_set(count: int, objects: Sequence[str]) -> tuple[Tensor, Tensor, Tensor]:
+    """`count` images cycling through every (object, style) pair, from seeds training never draws.
+
+    `objects` are the classifier's labels: `NO_OBJECT` among them adds bare backgrounds to the cycle.
+    """
     images, object_ids, style_ids = [], [], []
     for index in range(count):
-        object_id, style_id = divmod(index % (len(data.OBJECTS) * len(data.STYLES)), len(data.STYLES))
-        images.append(data.draw(data.OBJECTS[object_id], data.STYLES[style_id], EVAL_SEED_OFFSET + index))
+        object_id, style_id = divmod(index % (len(objects) * len(data.STYLES)), len(data.STYLES))
+        object_name = None if objects[object_id] == NO_OBJECT else objects[object_id]
+        images.append(data.draw(object_name, data.STYLES[style_id], EVAL_SEED_OFFSET + index))
         object_ids.append(object_id)
         style_ids.append(style_id)
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2), torch.tensor(object_ids), torch.tensor(style_ids)
@@ -275,10 +288,10 @@ def augment(images: Tensor, generator: torch.Generator) -> Tensor:
 
 @torch.no_grad()
 def _accuracy(classifier: MiniCanvasClassifier, images: Tensor, object_ids: Tensor, style_ids: Tensor) -> dict:
-    """Object and style accuracy of `classifier` on a labelled batch (labels in `data`'s order)."""
+    """Object and style accuracy of `classifier` on a labelled batch (ids in the classifier's label order)."""
     verdicts = classify(classifier, images)
-    objects = [data.OBJECTS[i] for i in object_ids.tolist()]
-    styles = [data.STYLES[i] for i in style_ids.tolist()]
+    objects = [classifier.config.objects[i] for i in object_ids.tolist()]
+    styles = [classifier.config.styles[i] for i in style_ids.tolist()]
     return {
         "object_accuracy": sum(v.object == o for v, o in zip(verdicts, objects)) / len(verdicts),
         "style_accuracy": sum(v.style == s for v, s in zip(verdicts, styles)) / len(verdicts),
@@ -293,6 +306,7 @@ def train_classifier(
     device: str = "cpu",
     learning_rate: float = 3e-3,
     eval_images: int = 2000,
+    no_object_share: float = 0.0,
 ) -> dict:
     """Train the classifier on fresh augmented drawings, save it to `out` and measure it on unseen seeds.
 
@@ -300,10 +314,17 @@ def train_classifier(
     minutes on one CPU core, so it is not resumable. Writes `metrics.json` next to the weights and
     returns it: accuracy on `eval_images` fresh images (clean, with gaussian noise, and with the training
     augmentation), the command, the wall time and the machine.
+
+    `no_object_share` > 0 adds an eleventh object label, `NO_OBJECT`, learnt from that share of bare
+    backgrounds. UnlearnCanvas's classifiers have no such class (an image is always named as one of the
+    objects); this one is a second instrument, for asking whether an erased object left an empty canvas.
     """
+    if not 0 <= no_object_share < 1:
+        raise ValueError(f"no_object_share must be in [0, 1), got {no_object_share}.")
     began = time.time()
     torch.manual_seed(seed)
-    classifier = MiniCanvasClassifier(ClassifierConfig()).to(device)
+    objects = data.OBJECTS + ((NO_OBJECT,) if no_object_share else ())
+    classifier = MiniCanvasClassifier(ClassifierConfig(objects=objects)).to(device)
     optimizer = torch.optim.AdamW(classifier.parameters(), lr=learning_rate, weight_decay=1e-4)
     warmup = max(1, steps // 20)
 
@@ -317,7 +338,7 @@ def train_classifier(
     loss = torch.tensor(float("nan"))
     for step in range(steps):
         batch_seed = seed * 1_000_003 + step
-        images, object_ids, style_ids = _training_batch(batch_size, batch_seed)
+        images, object_ids, style_ids = _training_batch(batch_size, batch_seed, no_object_share)
         images = augment(images, torch.Generator().manual_seed(batch_seed))
         output = classifier(images.to(device))
         loss = F.cross_entropy(output.object_logits, object_ids.to(device)) + F.cross_entropy(
@@ -342,7 +363,7 @@ def train_classifier(
     train_time = time.time() - began
 
     logger.info("measuring accuracy on %d fresh images", eval_images)
-    images, object_ids, style_ids = _evaluation_set(eval_images)
+    images, object_ids, style_ids = _evaluation_set(eval_images, objects)
     noisy = (images + EVAL_NOISE_STD * torch.randn(images.shape, generator=torch.Generator().manual_seed(0))).clamp(
         0, 1
     )
@@ -358,10 +379,12 @@ def train_classifier(
         "augmented_style_accuracy": augmented_accuracy["style_accuracy"],
         "eval_images": eval_images,
         "eval_seeds": f"{EVAL_SEED_OFFSET} to {EVAL_SEED_OFFSET + eval_images - 1}, every (object, style) pair in turn",
+        "objects": list(objects),
         "train_seeds": f"below {EVAL_SEED_OFFSET}",
         "command": (
             f"python -m saemnesia train-classifier --out {out} --steps {steps} --batch-size {batch_size} "
             f"--seed {seed} --learning-rate {learning_rate} --eval-images {eval_images}"
+            + (f" --no-object-share {no_object_share}" if no_object_share else "")
         ),
         "seed": seed,
         "steps": steps,

@@ -206,14 +206,20 @@ _STYLE_PAINTERS: dict[str, Callable] = {
 }
 
 
-def draw(object_name: str, style: str, seed: int) -> np.ndarray:
-    """One image as a float32 array [32, 32, 3] in [0, 1]; the same arguments give the same image."""
+def draw(object_name: str | None, style: str, seed: int) -> np.ndarray:
+    """One image as a float32 array [32, 32, 3] in [0, 1]; the same arguments give the same image.
+
+    `object_name=None` paints the style's bare background: what a canvas with its object gone looks like.
+    """
     rng = random.Random(f"{object_name}/{style}/{seed}")
-    fill, outline = object_mask(object_name, rng)
+    if object_name is None:
+        fill = outline = np.zeros((IMAGE_SIZE, IMAGE_SIZE), np.float32)
+    else:
+        fill, outline = object_mask(object_name, rng)
     return np.clip(_STYLE_PAINTERS[style](fill, outline, rng), 0, 1).astype(np.float32)
 
 
-def draw_pil(object_name: str, style: str, seed: int) -> Image.Image:
+def draw_pil(object_name: str | None, style: str, seed: int) -> Image.Image:
     return Image.fromarray((draw(object_name, style, seed) * 255).round().astype(np.uint8))
 
 
