@@ -12,6 +12,7 @@ import json
 import os
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -21,7 +22,14 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from saemnesia.erase import STRENGTH_RANGE  # noqa: E402
-from saemnesia.evaluate import DEFAULT_STRENGTH, benchmark_results, setting_or_default  # noqa: E402
+from saemnesia.evaluate import (  # noqa: E402
+    DEFAULT_STRENGTH,
+    benchmark_results,
+    result_paths,
+    result_sets,
+    results_table,
+    setting_or_default,
+)
 from saemnesia.heatmaps import mask_overlay, overlay, upscale  # noqa: E402
 from saemnesia.studio import Studio  # noqa: E402
 from saemnesia.worlds import WORLDS  # noqa: E402
@@ -418,19 +426,31 @@ def neurons_tab(studio: Studio, results: dict) -> None:
             gr.Dataframe(pd.DataFrame(rows), interactive=False)
 
 
+def result_set_view(world, name: str) -> tuple[str, list[str]]:
+    """One cached `evaluate` result set of `world` (by protocol name) as a markdown table and its plots."""
+    sets = result_sets(world)
+    if name not in sets:
+        raise gr.Error(f"No result set {name!r}: the cached ones are {', '.join(sets) or 'none'}.")
+    results = json.loads(sets[name].read_text())
+    paths = result_paths(sets[name].parent, name)
+    plots = [str(paths[plot]) for plot in ("strength_curves", "sequential") if paths[plot].is_file()]
+    return results_table(results), plots
+
+
 def metrics_tab(studio: Studio, classifier, results: dict) -> None:
     gr.Markdown("### Benchmark (cached; `python -m saemnesia evaluate` makes it)")
     benchmark = results.get("benchmark")
-    if benchmark:
-        from saemnesia.evaluate import results_table
-
-        gr.Markdown(f"Protocol: **{benchmark['protocol']['name']}**\n\n" + results_table(benchmark))
-        from saemnesia.evaluate import result_paths
-
-        paths = result_paths(studio.world.assets / "results", benchmark["protocol"]["name"])
-        plots = [paths[name] for name in ("strength_curves", "sequential") if paths[name].is_file()]
-        if plots:
-            gr.Gallery([str(p) for p in plots], columns=2, label="Strength and sequential curves")
+    sets = result_sets(studio.world)
+    if benchmark and sets:
+        shown = gr.Dropdown(
+            list(sets),
+            value=benchmark["protocol"]["name"],
+            label="Result set (the benchmark first; variants: another block, classifier or tuning set)",
+        )
+        table_markdown, plots = result_set_view(studio.world, shown.value)
+        table = gr.Markdown(table_markdown)
+        gallery = gr.Gallery(plots, columns=2, label="Strength and sequential curves")
+        shown.change(partial(result_set_view, studio.world), shown, [table, gallery], api_name="result_set")
     else:
         gr.Markdown("No cached benchmark yet.")
     if "quality" in results:

@@ -386,12 +386,13 @@ def _ablate_blocks(args: argparse.Namespace) -> None:
 def _edit_coverage(args: argparse.Namespace) -> None:
     import json
 
-    from saemnesia.evaluate import benchmark_results, edit_coverage
+    from saemnesia.evaluate import edit_coverage
     from saemnesia.minicanvas.classifier import load_classifier
 
+    _check_evaluation_file(args)
     studio = _load_studio(args)
     classifier = load_classifier(args.classifier or studio.world.assets / "classifier", device=studio.pipeline.device)
-    results = benchmark_results(studio.world)
+    results = _evaluation_results(args, studio)
     if results is None:
         raise SystemExit("No benchmark results for this world: run `python -m saemnesia evaluate` first.")
     grid = Path(args.grid) if args.grid else None
@@ -661,6 +662,9 @@ def build_parser() -> argparse.ArgumentParser:
     coverage.add_argument("--method", choices=["saemnesia", "saeuron"], default="saemnesia")
     coverage.add_argument("--kind", choices=["object", "style"], default="object")
     coverage.add_argument("--grid", help="PNG of the survivors: original | erased, one a row")
+    coverage.add_argument(
+        "--evaluation", help="`evaluate` results whose tuned settings to use (default: the world's, full run first)"
+    )
     coverage.set_defaults(run=_edit_coverage)
 
     evaluate = commands.add_parser(
@@ -769,18 +773,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _attack(args: argparse.Namespace) -> None:
-    import json
-
-    from saemnesia.attack import attack_table, run_attacks
-    from saemnesia.evaluate import benchmark_results
-    from saemnesia.minicanvas.classifier import load_classifier
-
+def _check_evaluation_file(args: argparse.Namespace) -> None:
+    """Before any model loads: `--evaluation`, if given, must be a file."""
     if args.evaluation and not Path(args.evaluation).is_file():
         raise FileNotFoundError(f"No evaluation results at '{args.evaluation}': run `evaluate` or drop --evaluation.")
+
+
+def _evaluation_results(args: argparse.Namespace, studio) -> dict | None:
+    """The `evaluate` results whose tuned settings a command uses: `--evaluation`, else the world's benchmark."""
+    import json
+
+    from saemnesia.evaluate import benchmark_results
+
+    return json.loads(Path(args.evaluation).read_text()) if args.evaluation else benchmark_results(studio.world)
+
+
+def _attack(args: argparse.Namespace) -> None:
+    from saemnesia.attack import attack_table, run_attacks
+    from saemnesia.minicanvas.classifier import load_classifier
+
+    _check_evaluation_file(args)
     studio = _load_studio(args)
     classifier = load_classifier(args.classifier or studio.world.assets / "classifier", device=studio.pipeline.device)
-    evaluation = json.loads(Path(args.evaluation).read_text()) if args.evaluation else benchmark_results(studio.world)
+    evaluation = _evaluation_results(args, studio)
     results = run_attacks(
         studio,
         classifier,

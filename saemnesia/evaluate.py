@@ -242,15 +242,27 @@ def setting_or_default(results: Mapping | None, method: str, concepts: Sequence[
     return tuned_setting(results or {}, method, concepts) or Setting(method, DEFAULT_STRENGTH, 1)
 
 
+BENCHMARK_PROTOCOLS = ("full", "standard", "quick")
+
+
+def result_sets(world: World) -> dict[str, Path]:
+    """The world's cached `evaluate` results files by protocol name: the benchmark's protocols first (in
+    `BENCHMARK_PROTOCOLS` order), then the variants (another block, classifier or tuning set) by name."""
+    if world.assets is None:
+        return {}
+    found = {
+        path.stem.removeprefix("evaluation").removeprefix("-") or "full": path
+        for path in (world.assets / "results").glob("evaluation*.json")
+    }
+    names = [name for name in BENCHMARK_PROTOCOLS if name in found]
+    return {name: found[name] for name in names + sorted(set(found) - set(names))}
+
+
 def benchmark_results(world: World) -> dict | None:
     """The world's cached `evaluate` results: the full protocol's, else the standard's, else the quick one's."""
-    if world.assets is None:
-        return None
-    for protocol in ("full", "standard", "quick"):
-        path = result_paths(world.assets / "results", protocol)["json"]
-        if path.is_file():
-            return json.loads(path.read_text())
-    return None
+    sets = result_sets(world)
+    benchmark = next((sets[name] for name in BENCHMARK_PROTOCOLS if name in sets), None)
+    return None if benchmark is None else json.loads(benchmark.read_text())
 
 
 def search_grid(method: str, strengths: Sequence[float], saeuron_features: Sequence[int]) -> list[Setting]:

@@ -4,11 +4,14 @@ import shutil
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
+import gradio as gr
 import pytest
 from gradio_client import Client
 
 import app as studio_app
+from saemnesia.worlds import MINICANVAS
 
 
 def free_port() -> int:
@@ -109,6 +112,14 @@ def test_neuron_tools(client):
     assert {row[0] for row in table["data"]} >= {"star", "circle", "heart", "neon", "sketch"}
     profile = client.predict("star", api_name="/score_profile")
     assert profile is not None
+
+
+def test_metrics_show_any_cached_result_set_with_its_plots():
+    table, plots = studio_app.result_set_view(MINICANVAS, "standard")
+    assert "standard protocol" in table and "| SAEmnesia | objects |" in table
+    assert [Path(plot).name for plot in plots] == ["strength-curves-standard.png", "sequential-standard.png"]
+    with pytest.raises(gr.Error, match="No result set 'fastest'"):
+        studio_app.result_set_view(MINICANVAS, "fastest")
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (installed by .ci/run)")

@@ -28,6 +28,7 @@ from saemnesia.evaluate import (
     ablate_blocks,
     accuracy,
     balanced_prompts,
+    benchmark_results,
     ceiling,
     choose_setting,
     edit_coverage,
@@ -35,6 +36,7 @@ from saemnesia.evaluate import (
     evaluate,
     planned_images,
     result_paths,
+    result_sets,
     results_table,
     search_grid,
     tuned_setting,
@@ -400,6 +402,36 @@ def test_evaluate_command_names_results_of_a_classifier_with_a_no_object_class_a
     monkeypatch.setattr(evaluate_module, "results_table", lambda results: "")
     cli.main(["evaluate", "--protocol", "standard", "--out", str(tmp_path), "--classifier", "x"])
     assert seen[0].name == "standard-no-object-class"
+
+
+def test_result_sets_list_the_benchmark_first_then_its_variants(tmp_path):
+    world = dataclasses.replace(TINY_WORLD, assets=tmp_path)
+    assert result_sets(world) == {} and benchmark_results(world) is None
+    names = ["standard-no-object-class", "quick", "full", "standard"]
+    for name in names:
+        path = result_paths(tmp_path / "results", name)["json"]
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(json.dumps({"protocol": {"name": name}}))
+    (tmp_path / "results" / "evaluation.json.tmp").write_text("{")  # a write in progress is no result set
+    sets = result_sets(world)
+    assert list(sets) == ["full", "standard", "quick", "standard-no-object-class"]
+    assert all(sets[name] == result_paths(tmp_path / "results", name)["json"] for name in names)
+    assert benchmark_results(world) == {"protocol": {"name": "full"}}
+
+
+def test_edit_coverage_command_takes_the_tuned_settings_of_a_given_result_set(monkeypatch, tmp_path, capsys):
+    evaluation = tmp_path / "evaluation-standard-no-object-class.json"
+    evaluation.write_text(json.dumps({"methods": {"saemnesia": {"concepts": {}}}}))
+    seen = []
+    monkeypatch.setattr(cli, "_load_studio", lambda args: tiny_studio())
+    monkeypatch.setattr(classifier_module, "load_classifier", lambda folder, device: tiny_classifier())
+    monkeypatch.setattr(evaluate_module, "edit_coverage", lambda studio, judge, results, *rest: seen.append(results))
+    cli.main(["edit-coverage", "--evaluation", str(evaluation), "--classifier", "x"])
+    assert seen == [json.loads(evaluation.read_text())]
+    monkeypatch.setattr(cli, "_load_studio", lambda args: pytest.fail("a refused command must load nothing"))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["edit-coverage", "--evaluation", str(tmp_path / "missing.json")])
+    assert exit_info.value.code == 2 and "run `evaluate` or drop --evaluation" in capsys.readouterr().err
 
 
 def test_evaluate_command_defaults():
