@@ -440,10 +440,9 @@ def result_set_view(world, name: str) -> tuple[str, list[str]]:
 def metrics_tab(studio: Studio, classifier, results: dict) -> None:
     gr.Markdown("### Benchmark (cached; `python -m saemnesia evaluate` makes it)")
     benchmark = results.get("benchmark")
-    sets = result_sets(studio.world)
-    if benchmark and sets:
+    if benchmark:
         shown = gr.Dropdown(
-            list(sets),
+            list(result_sets(studio.world)),
             value=benchmark["protocol"]["name"],
             label="Result set (the benchmark first; variants: another block, classifier or tuning set)",
         )
