@@ -345,8 +345,6 @@ def _evaluate(args: argparse.Namespace) -> None:
     from saemnesia.evaluate import PROTOCOLS, evaluate, results_table, write_results
     from saemnesia.minicanvas.classifier import NO_OBJECT, load_classifier
 
-    studio = _load_studio(args)
-    classifier = load_classifier(args.classifier or studio.world.assets / "classifier", device=studio.pipeline.device)
     protocol = PROTOCOLS["quick" if args.quick else args.protocol]
     # Variants get their own names, so their files sit beside the protocol's results instead of replacing them.
     if args.tuning_seeds is not None:
@@ -362,8 +360,22 @@ def _evaluate(args: argparse.Namespace) -> None:
         protocol = dataclasses.replace(
             protocol, name=f"{protocol.name}-from-step-{args.start_step}", start_step=args.start_step
         )
+    if args.heldout_from is not None:
+        if args.heldout_from < 0:
+            raise SystemExit(f"--heldout-from must be a seed >= 0, got {args.heldout_from}.")
+        offset = args.heldout_from - protocol.heldout_seeds[0]
+        protocol = dataclasses.replace(
+            protocol,
+            name=f"{protocol.name}-heldout-from-{args.heldout_from}",
+            heldout_seeds=tuple(seed + offset for seed in protocol.heldout_seeds),
+            sequential_seeds=tuple(seed + offset for seed in protocol.sequential_seeds),
+        )
+    if args.ties != protocol.ties:
+        protocol = dataclasses.replace(protocol, name=f"{protocol.name}-ties-to-{args.ties}", ties=args.ties)
     if args.extra_object_block:
         protocol = dataclasses.replace(protocol, name=f"{protocol.name}-plus-{'-'.join(args.extra_object_block)}")
+    studio = _load_studio(args)
+    classifier = load_classifier(args.classifier or studio.world.assets / "classifier", device=studio.pipeline.device)
     if NO_OBJECT in classifier.config.objects:  # another instrument: its results sit beside the standard ones
         protocol = dataclasses.replace(protocol, name=f"{protocol.name}-no-object-class")
     results = evaluate(studio, classifier, protocol, cache=Path(args.cache))
@@ -678,6 +690,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--start-step", type=int, default=0, help="both methods edit from this step on (default 0)")
     evaluate.add_argument(
         "--tuning-seeds", type=int, help="search strengths on this many seeds from 50000 (default: the protocol's 1)"
+    )
+    evaluate.add_argument(
+        "--heldout-from",
+        type=int,
+        help="report on held-out (and sequential) seeds from this one (default 60000): a check on seeds never seen",
+    )
+    evaluate.add_argument(
+        "--ties",
+        choices=["mildest", "centre"],
+        default="mildest",
+        help="which of tied settings the strength search takes: the mildest (default) or the centre of the best run",
     )
     evaluate.add_argument(
         "--extra-object-block",

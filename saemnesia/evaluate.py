@@ -115,10 +115,18 @@ SEQUENTIAL_RULE = (
     "each step erases the world's first n objects together at the lower median (a value of the searched "
     "grid) of the strengths, and features per step, tuned for those objects"
 )
-SELECTION_RULE = (
-    "per concept, the setting with the best (UA + IRA) / 2 on the tuning seeds; ties go to the first tried "
-    "(fewest latents per step, then the mildest strength)"
-)
+TIES = ("mildest", "centre")
+SELECTION_RULES = {
+    "centre": (
+        "per concept, the setting with the best (UA + IRA) / 2 on the tuning seeds; among ties, the middle of the "
+        "longest run of neighbouring strengths (same latents per step) that all score best, the milder of two "
+        "middles, the first tried of equally long runs"
+    ),
+    "mildest": (
+        "per concept, the setting with the best (UA + IRA) / 2 on the tuning seeds; ties go to the first tried "
+        "(fewest latents per step, then the mildest strength)"
+    ),
+}
 
 
 # --- Metrics on verdicts -------------------------------------------------------------------------
@@ -277,12 +285,18 @@ def choose_setting(
     kind: str,
     kind_size: int,
     tuning_seeds: Collection[int],
+    ties: str = "mildest",
 ) -> tuple[Setting, dict[Setting, Metrics]]:
     """The setting with the best (UA + IRA) / 2 on the tuning seeds' images only, and every setting's metrics.
 
-    Images from other seeds are ignored, so the seeds the result is reported on never pick it.
-    Ties go to the first setting tried (in `search_grid` order: fewest latents, then mildest strength).
+    Images from other seeds are ignored, so the seeds the result is reported on never pick it. `trials`
+    is in `search_grid` order (fewest latents, then mildest strength). With a few images a trial, scores
+    tie often. `ties="mildest"` takes the first tied setting tried: the edit that changes the image least.
+    `ties="centre"` takes the middle of the longest run of neighbouring best strengths, furthest from both
+    the under-erasing and the over-erasing side; on MiniCanvas it trades CRA for UA about evenly (README).
     """
+    if ties not in TIES:
+        raise ValueError(f"ties must be one of {TIES}, got {ties!r}.")
     metrics = {
         setting: erasure_metrics([j for j in judged if j.seed in tuning_seeds], [concept], kind, kind_size)
         for setting, judged in trials.items()
@@ -290,7 +304,22 @@ def choose_setting(
     scored = [setting for setting, m in metrics.items() if m.score is not None]
     if not scored:
         raise ValueError(f"No tuning image names '{concept}' and another {kind}: nothing to choose a setting on.")
-    return max(scored, key=lambda setting: metrics[setting].score), metrics
+    best_score = max(metrics[setting].score for setting in scored)
+    runs: list[list[Setting]] = []
+    previous = None
+    for setting in trials:
+        if metrics[setting].score == best_score:
+            if runs and previous is not None and previous.features_per_step == setting.features_per_step:
+                runs[-1].append(setting)
+            else:
+                runs.append([setting])
+            previous = setting
+        else:
+            previous = None
+    if ties == "mildest":
+        return runs[0][0], metrics
+    longest = max(runs, key=len)
+    return longest[(len(longest) - 1) // 2], metrics
 
 
 # --- Protocol and prompts ------------------------------------------------------------------------
@@ -323,6 +352,8 @@ class Protocol:
     """Prompts per generation call."""
     start_step: int = 0
     """Both methods edit from this sampler step on (METHOD's optional start step; 0: every step)."""
+    ties: str = "mildest"
+    """How tied settings of the strength search are broken (`choose_setting`)."""
 
     def strengths(self, kind: str) -> tuple[float, ...]:
         """The strength grid searched for concepts of `kind`."""
@@ -333,6 +364,8 @@ class Protocol:
             raise ValueError("Tuning and held-out seeds must differ, or the reported numbers chose themselves.")
         if isinstance(self.start_step, bool) or not isinstance(self.start_step, int) or self.start_step < 0:
             raise ValueError(f"start_step must be a whole number >= 0, got {self.start_step!r}.")
+        if self.ties not in TIES:
+            raise ValueError(f"ties must be one of {TIES}, got {self.ties!r}.")
 
 
 FULL = Protocol(
@@ -873,7 +906,10 @@ def evaluate(
     return {
         "schema": 1,
         "world": world.name,
-        "protocol": {**asdict(protocol), "rules": {"selection": SELECTION_RULE, "sequential": SEQUENTIAL_RULE}},
+        "protocol": {
+            **asdict(protocol),
+            "rules": {"selection": SELECTION_RULES[protocol.ties], "sequential": SEQUENTIAL_RULE},
+        },
         "settings": {
             "steps": world.steps,
             "guidance": world.guidance,
@@ -924,7 +960,7 @@ def _erase_concept(
         setting: judge.images(setting, [concept], protocol.tuning_seeds, plan.tuning[concept]) for setting in grid
     }
     kind_size = len(judge.studio.world.concepts_of(kind))
-    best, tuning = choose_setting(trials, concept, kind, kind_size, protocol.tuning_seeds)
+    best, tuning = choose_setting(trials, concept, kind, kind_size, protocol.tuning_seeds, protocol.ties)
     heldout = judge.images(best, [concept], protocol.heldout_seeds, plan.heldout[concept])
     metrics = erasure_metrics(heldout, [concept], kind, kind_size)
     logger.info(

@@ -155,11 +155,25 @@ def test_strength_is_chosen_by_ua_plus_ira_on_tuning_seeds_only():
     assert choose_setting(trials, "circle", "object", 2, tuning_seeds={tuning_seed, heldout_seed})[0] == strong
 
 
-def test_ties_go_to_the_mildest_setting_tried_first():
-    trials = {Setting("saeuron", s, 2): [judged("circle/sunset", "star/sunset")] for s in (-1.0, -5.0)}
-    trials[Setting("saeuron", -5.0, 2)].append(judged("square/sunset", "square/sunset"))
-    trials[Setting("saeuron", -1.0, 2)].append(judged("square/sunset", "square/sunset"))
-    assert choose_setting(trials, "circle", "object", 3, {0})[0] == Setting("saeuron", -1.0, 2)
+def test_ties_go_to_the_centre_of_the_longest_run_of_best_strengths_or_to_the_mildest():
+    erased_and_kept = [judged("circle/sunset", "star/sunset"), judged("square/sunset", "square/sunset")]
+    kept = [judged("circle/sunset", "circle/sunset"), judged("square/sunset", "square/sunset")]
+    # In search_grid order: one latent a step -1 (best), -3, then two latents -1, -3, -10, -30 (best, but -3).
+    best_at = {(1, -1.0), (2, -1.0), (2, -10.0), (2, -30.0), (2, -100.0)}
+    trials = {
+        Setting("saeuron", strength, count): erased_and_kept if (count, strength) in best_at else kept
+        for count in (1, 2)
+        for strength in (-1.0, -3.0, -10.0, -30.0, -100.0)
+    }
+    # The runs of best settings: [1 x -1], [2 x -1], [2 x -10, -30, -100]; the longest's middle is -30.
+    assert choose_setting(trials, "circle", "object", 3, {0}, ties="centre")[0] == Setting("saeuron", -30.0, 2)
+    assert choose_setting(trials, "circle", "object", 3, {0})[0] == Setting("saeuron", -1.0, 1)
+    # Two middles: the milder one.
+    trials[Setting("saeuron", -100.0, 2)] = kept
+    trials[Setting("saeuron", -3.0, 2)] = erased_and_kept
+    assert choose_setting(trials, "circle", "object", 3, {0}, ties="centre")[0] == Setting("saeuron", -3.0, 2)
+    with pytest.raises(ValueError, match="ties must be one of"):
+        choose_setting(trials, "circle", "object", 3, {0}, ties="strongest")
 
 
 def test_search_grids_give_saeuron_three_feature_counts_of_the_seven_strengths_of_each_kind():
@@ -376,6 +390,30 @@ def test_evaluate_command_tunes_on_more_seeds_under_its_own_name(monkeypatch, tm
     assert seen[0].name == "quick-tuned-on-2-seeds" and seen[0].tuning_seeds == (50_000, 50_001)
     with pytest.raises(SystemExit, match="--tuning-seeds must be at least 1, got 0"):
         cli.main(["evaluate", "--quick", "--tuning-seeds", "0", "--out", str(tmp_path), "--classifier", "x"])
+
+
+def test_evaluate_command_reports_on_other_seeds_or_tie_rule_under_its_own_name(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(cli, "_load_studio", lambda args: tiny_studio())
+    monkeypatch.setattr(classifier_module, "load_classifier", lambda folder, device: tiny_classifier())
+    seen = []
+    monkeypatch.setattr(evaluate_module, "evaluate", lambda studio, classifier, protocol, cache: seen.append(protocol))
+    monkeypatch.setattr(evaluate_module, "write_results", lambda results, out: {})
+    monkeypatch.setattr(evaluate_module, "results_table", lambda results: "")
+    cli.main(["evaluate", "--heldout-from", "70000", "--ties", "centre", "--out", str(tmp_path), "--classifier", "x"])
+    assert seen[0].name == "full-heldout-from-70000-ties-to-centre" and seen[0].ties == "centre"
+    assert (seen[0].heldout_seeds, seen[0].sequential_seeds, seen[0].tuning_seeds) == (
+        (70_000, 70_001),
+        (70_000,),
+        (50_000,),
+    )
+    cli.main(["evaluate", "--quick", "--ties", "mildest", "--out", str(tmp_path), "--classifier", "x"])
+    assert seen[1].name == "quick" and seen[1].ties == "mildest"
+    monkeypatch.setattr(cli, "_load_studio", lambda args: pytest.fail("a refused command must load nothing"))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["evaluate", "--heldout-from", "50000", "--out", str(tmp_path), "--classifier", "x"])
+    assert exit_info.value.code == 2 and "seeds must differ" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--heldout-from must be a seed >= 0, got -1"):
+        cli.main(["evaluate", "--heldout-from", "-1", "--out", str(tmp_path), "--classifier", "x"])
 
 
 def test_evaluate_command_erases_at_extra_blocks_under_its_own_name(monkeypatch, tmp_path):
