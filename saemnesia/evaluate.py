@@ -115,18 +115,19 @@ SEQUENTIAL_RULE = (
     "each step erases the world's first n objects together at the lower median (a value of the searched "
     "grid) of the strengths, and features per step, tuned for those objects"
 )
-TIES = ("mildest", "centre")
 SELECTION_RULES = {
+    "mildest": (
+        "per concept, the setting with the best (UA + IRA) / 2 on the tuning seeds; ties go to the first tried "
+        "(fewest latents per step, then the mildest strength)"
+    ),
     "centre": (
         "per concept, the setting with the best (UA + IRA) / 2 on the tuning seeds; among ties, the middle of the "
         "longest run of neighbouring strengths (same latents per step) that all score best, the milder of two "
         "middles, the first tried of equally long runs"
     ),
-    "mildest": (
-        "per concept, the setting with the best (UA + IRA) / 2 on the tuning seeds; ties go to the first tried "
-        "(fewest latents per step, then the mildest strength)"
-    ),
 }
+TIES = tuple(SELECTION_RULES)
+"""How `choose_setting` may break ties, by name."""
 
 
 # --- Metrics on verdicts -------------------------------------------------------------------------
@@ -305,17 +306,17 @@ def choose_setting(
     if not scored:
         raise ValueError(f"No tuning image names '{concept}' and another {kind}: nothing to choose a setting on.")
     best_score = max(metrics[setting].score for setting in scored)
-    runs: list[list[Setting]] = []
+    runs: list[list[Setting]] = []  # neighbours in grid order that all score best
     previous = None
     for setting in trials:
-        if metrics[setting].score == best_score:
-            if runs and previous is not None and previous.features_per_step == setting.features_per_step:
-                runs[-1].append(setting)
-            else:
-                runs.append([setting])
-            previous = setting
-        else:
+        if metrics[setting].score != best_score:
             previous = None
+            continue
+        if previous is not None and previous.features_per_step == setting.features_per_step:
+            runs[-1].append(setting)
+        else:
+            runs.append([setting])
+        previous = setting
     if ties == "mildest":
         return runs[0][0], metrics
     longest = max(runs, key=len)

@@ -379,13 +379,19 @@ def test_evaluate_command_writes_results_from_a_warm_cache(quick_run, monkeypatc
     assert "| SAEmnesia | objects |" in capsys.readouterr().out
 
 
-def test_evaluate_command_tunes_on_more_seeds_under_its_own_name(monkeypatch, tmp_path):
-    monkeypatch.setattr(cli, "_load_studio", lambda args: tiny_studio())
-    monkeypatch.setattr(classifier_module, "load_classifier", lambda folder, device: tiny_classifier())
+def protocols_evaluated(monkeypatch, judge=None) -> list:
+    """Stub out the `evaluate` command's model, classifier and run; return the list its protocols go to."""
     seen = []
+    monkeypatch.setattr(cli, "_load_studio", lambda args: tiny_studio())
+    monkeypatch.setattr(classifier_module, "load_classifier", lambda folder, device: judge or tiny_classifier())
     monkeypatch.setattr(evaluate_module, "evaluate", lambda studio, classifier, protocol, cache: seen.append(protocol))
     monkeypatch.setattr(evaluate_module, "write_results", lambda results, out: {})
     monkeypatch.setattr(evaluate_module, "results_table", lambda results: "")
+    return seen
+
+
+def test_evaluate_command_tunes_on_more_seeds_under_its_own_name(monkeypatch, tmp_path):
+    seen = protocols_evaluated(monkeypatch)
     cli.main(["evaluate", "--quick", "--tuning-seeds", "2", "--out", str(tmp_path), "--classifier", "x"])
     assert seen[0].name == "quick-tuned-on-2-seeds" and seen[0].tuning_seeds == (50_000, 50_001)
     with pytest.raises(SystemExit, match="--tuning-seeds must be at least 1, got 0"):
@@ -393,12 +399,7 @@ def test_evaluate_command_tunes_on_more_seeds_under_its_own_name(monkeypatch, tm
 
 
 def test_evaluate_command_reports_on_other_seeds_or_tie_rule_under_its_own_name(monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(cli, "_load_studio", lambda args: tiny_studio())
-    monkeypatch.setattr(classifier_module, "load_classifier", lambda folder, device: tiny_classifier())
-    seen = []
-    monkeypatch.setattr(evaluate_module, "evaluate", lambda studio, classifier, protocol, cache: seen.append(protocol))
-    monkeypatch.setattr(evaluate_module, "write_results", lambda results, out: {})
-    monkeypatch.setattr(evaluate_module, "results_table", lambda results: "")
+    seen = protocols_evaluated(monkeypatch)
     cli.main(["evaluate", "--heldout-from", "70000", "--ties", "centre", "--out", str(tmp_path), "--classifier", "x"])
     assert seen[0].name == "full-heldout-from-70000-ties-to-centre" and seen[0].ties == "centre"
     assert (seen[0].heldout_seeds, seen[0].sequential_seeds, seen[0].tuning_seeds) == (
@@ -430,14 +431,9 @@ def test_evaluate_command_erases_at_extra_blocks_under_its_own_name(monkeypatch,
 
 
 def test_evaluate_command_names_results_of_a_classifier_with_a_no_object_class_apart(monkeypatch, tmp_path):
-    seen = []
     judge = tiny_classifier()
     judge.config = dataclasses.replace(judge.config, objects=(*judge.config.objects, NO_OBJECT))
-    monkeypatch.setattr(cli, "_load_studio", lambda args: tiny_studio())
-    monkeypatch.setattr(classifier_module, "load_classifier", lambda folder, device: judge)
-    monkeypatch.setattr(evaluate_module, "evaluate", lambda studio, classifier, protocol, cache: seen.append(protocol))
-    monkeypatch.setattr(evaluate_module, "write_results", lambda results, out: {})
-    monkeypatch.setattr(evaluate_module, "results_table", lambda results: "")
+    seen = protocols_evaluated(monkeypatch, judge)
     cli.main(["evaluate", "--protocol", "standard", "--out", str(tmp_path), "--classifier", "x"])
     assert seen[0].name == "standard-no-object-class"
 
