@@ -306,6 +306,8 @@ def choose_setting(
     if not scored:
         raise ValueError(f"No tuning image names '{concept}' and another {kind}: nothing to choose a setting on.")
     best_score = max(metrics[setting].score for setting in scored)
+    if ties == "mildest":
+        return next(setting for setting in trials if metrics[setting].score == best_score), metrics
     runs: list[list[Setting]] = []  # neighbours in grid order that all score best
     previous = None
     for setting in trials:
@@ -317,8 +319,6 @@ def choose_setting(
         else:
             runs.append([setting])
         previous = setting
-    if ties == "mildest":
-        return runs[0][0], metrics
     longest = max(runs, key=len)
     return longest[(len(longest) - 1) // 2], metrics
 
