@@ -1,4 +1,5 @@
-"""The erasure edit (METHOD section 4): scale chosen latents on the tokens where they fire.
+"""The erasure edit (METHOD section 4): scale chosen latents on the tokens where they fire, or (PER)
+overwrite those tokens with undetected ones of the same feature map.
 
 On every token, a selected latent i of concept c that fires above its mean on the other concepts is
 multiplied by `strength * mean_acts[c, t, i]` (strength negative: it multiplies, it does not clamp).
@@ -7,6 +8,14 @@ edit returns `x` exactly and only the edited latents' decoder rows are ever read
 
 SAEmnesia edits one latent per concept, its dictionary latent, at every step. The SAeUron baseline
 edits, at every step, the concept's top-scoring latents (a percentile of the scores).
+
+Two interventions share those latents and thresholds (`INTERVENTIONS`):
+- `steer`, the papers' edit above. Strong negative multipliers push the block's output out of the
+  distribution the UNet was trained on (PER, arXiv 2606.31699, Figure 2), hence artifacts.
+- `replace`, patch replacement (PER): the SAE only *detects* the concept's tokens, those where one of its
+  latents has a pre-activation above its mean on the other concepts, and each detected token's block
+  output is overwritten with the raw output at the nearest undetected token of the same feature map (same
+  image, same guidance half). Nothing is scaled, so the strength plays no part. See `replacement_sources`.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ from saemnesia.concepts import ConceptDictionary, ConceptStats, check_concepts
 from saemnesia.sae import EncoderOutput, Sae
 
 METHODS = ("saemnesia", "saeuron")
+INTERVENTIONS = ("steer", "replace")
 STRENGTH_RANGE = (-1000.0, 0.0)
 """Down to the benchmark's strongest object strength: unsupervised latents, whose mean activation is
 small, need -100 to -1000 to erase an object (`evaluate.OBJECT_STRENGTHS`)."""
@@ -50,6 +60,8 @@ class Erasure:
     timesteps: Tensor
     """[T] the timesteps of the statistics steps, used to map any sampler's steps onto them."""
     start_step: int = 0
+    intervention: str = "steer"
+    """`steer` the latents, or `replace` the tokens they detect (`INTERVENTIONS`)."""
 
     def at(self, step: int, timestep: float) -> StepEdit | None:
         """The edit for sampler step `step` at `timestep`, or None before the start step."""
@@ -67,6 +79,12 @@ def check_strength(strength: float) -> float:
     return float(strength)
 
 
+def check_intervention(intervention: object) -> str:
+    if intervention not in INTERVENTIONS:
+        raise ValueError(f"intervention must be one of {', '.join(INTERVENTIONS)}, got {intervention!r}.")
+    return intervention
+
+
 def features_for_percentile(percentile: float, num_latents: int) -> int:
     """SAeUron's percentile as a count of latents per step: 99.999 / 99.995 / 99.99 of 20,480 -> 1 / 2 / 3."""
     return max(1, math.ceil(num_latents * (100 - percentile) / 100 - 1e-9))
@@ -82,10 +100,16 @@ def _merge(edits: list[tuple[Tensor, Tensor, Tensor]]) -> StepEdit:
 
 
 def saemnesia_erasure(
-    stats: ConceptStats, dictionary: ConceptDictionary, concepts: list[str], strength: float, start_step: int = 0
+    stats: ConceptStats,
+    dictionary: ConceptDictionary,
+    concepts: list[str],
+    strength: float,
+    start_step: int = 0,
+    intervention: str = "steer",
 ) -> Erasure:
     """SAEmnesia: each concept's own dictionary latent, at every step."""
     strength = check_strength(strength)
+    intervention = check_intervention(intervention)
     check_concepts(concepts, stats.concepts)
     latent_of = {concept: dictionary.latent(concept) for concept in concepts}
     others = stats.others_mean()
@@ -96,14 +120,20 @@ def saemnesia_erasure(
             c, latent = stats.index(concept), torch.tensor([latent_of[concept]])
             parts.append((latent, strength * stats.mean_acts[c, step, latent], others[c, step, latent]))
         steps.append(_merge(parts))
-    return Erasure(tuple(concepts), "saemnesia", strength, tuple(steps), stats.timesteps, start_step)
+    return Erasure(tuple(concepts), "saemnesia", strength, tuple(steps), stats.timesteps, start_step, intervention)
 
 
 def saeuron_erasure(
-    stats: ConceptStats, concepts: list[str], strength: float, features_per_step: int = 1, start_step: int = 0
+    stats: ConceptStats,
+    concepts: list[str],
+    strength: float,
+    features_per_step: int = 1,
+    start_step: int = 0,
+    intervention: str = "steer",
 ) -> Erasure:
     """SAeUron: at every step, the concept's `features_per_step` highest-scoring latents."""
     strength = check_strength(strength)
+    intervention = check_intervention(intervention)
     check_concepts(concepts, stats.concepts)
     if not 1 <= features_per_step <= stats.mean_acts.shape[-1]:
         raise ValueError(f"features_per_step must be in [1, {stats.mean_acts.shape[-1]}], got {features_per_step}.")
@@ -116,7 +146,7 @@ def saeuron_erasure(
             latents = torch.topk(scores[c, step], features_per_step).indices
             parts.append((latents, strength * stats.mean_acts[c, step, latents], others[c, step, latents]))
         steps.append(_merge(parts))
-    return Erasure(tuple(concepts), "saeuron", strength, tuple(steps), stats.timesteps, start_step)
+    return Erasure(tuple(concepts), "saeuron", strength, tuple(steps), stats.timesteps, start_step, intervention)
 
 
 @dataclass(frozen=True)
@@ -132,16 +162,23 @@ class PreparedEdit:
     """[n] multiplier - 1: the token moves by activation * gain along the latent's decoder row."""
     thresholds: Tensor
     """[n], at least 0: a ReLU code below zero never fires."""
+    encoder_rows: Tensor
+    """[n, d] their rows of `W_enc`, and below their biases with `b_dec` folded in: all that detection reads."""
+    encoder_bias: Tensor
+    """[n] `b_enc - W_enc b_dec` at the edited latents."""
 
     @classmethod
     def of(cls, sae: Sae, edit: StepEdit) -> PreparedEdit:
         W_dec = sae.W_dec.detach()
         latents = edit.latents.to(W_dec.device)
+        encoder_rows = sae.encoder.weight.detach()[latents]
         return cls(
             latents,
             W_dec[latents],
             (edit.multipliers - 1).to(W_dec.device, W_dec.dtype),
             edit.thresholds.to(W_dec.device, W_dec.dtype).clamp_min(0),
+            encoder_rows,
+            sae.encoder.bias.detach()[latents] - encoder_rows @ sae.b_dec.detach(),
         )
 
 
@@ -203,3 +240,46 @@ def rank_counted_changes(encoder: EditEncoder, tokens: Tensor, edit: PreparedEdi
     larger = torch.gt(pre_acts.unsqueeze(0), values.unsqueeze(1), out=mask).sum(1)  # [n, N]
     fires = (larger < encoder.k) & (values > edit.thresholds.unsqueeze(-1))
     return torch.where(fires, values * edit.gains.unsqueeze(-1), 0.0).t() @ edit.decoder_rows
+
+
+def detected_tokens(tokens: Tensor, edit: PreparedEdit) -> Tensor:
+    """[N] bool: the tokens `[N, d]` where one of the edit's latents has a pre-activation above its
+    threshold, the concept's detection mask for `replace`.
+
+    Unlike the steer's mask it does not ask the latent to rank among the top k: a concept's latent can be
+    outranked on a token that plainly shows the concept (measured in docs/per.md: ignoring the rank
+    detects more of the concept and spares the others as well). So it reads only the edited latents'
+    encoder rows, `n` dot products a token instead of the whole dictionary.
+    """
+    pre_acts = torch.addmm(edit.encoder_bias, tokens.to(edit.encoder_rows.dtype), edit.encoder_rows.t())  # [N, n]
+    return (pre_acts > edit.thresholds).any(-1)
+
+
+def grid_distances(height: int, width: int, device: torch.device | str = "cpu") -> Tensor:
+    """[h*w, h*w] squared distances between the token positions of a feature map, row-major."""
+    rows, columns = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    positions = torch.stack([rows.flatten(), columns.flatten()], -1).float()
+    return torch.cdist(positions, positions).square().to(device)
+
+
+def replacement_sources(detected: Tensor, distances: Tensor) -> Tensor:
+    """[M, h*w] for each token of each of `M` maps, the token whose value it takes under `replace`.
+
+    An undetected token keeps its own value; a detected one takes the nearest undetected token of the
+    same map (ties to the first in row-major order), so every replaced value is one the block itself
+    produced on this image: in distribution by construction. A map whose every token is detected has
+    nothing to sample from and is left as it is: its sources are -1 where detected.
+    """
+    positions = torch.arange(detected.shape[-1], device=detected.device)
+    far = torch.where(detected.unsqueeze(1), torch.inf, distances)  # [M, to, from]: detected sources are out
+    nearest = far.argmin(-1)
+    nearest = torch.where(torch.isinf(far.amin(-1)), -1, nearest)
+    return torch.where(detected, nearest, positions)
+
+
+def replace_tokens(maps: Tensor, sources: Tensor, fallback: Tensor | None = None) -> Tensor:
+    """`maps` `[M, h*w, d]` with every token set to its source's value (`replacement_sources`);
+    where the source is -1 the token takes `fallback`'s value at the same place (or keeps its own)."""
+    taken = maps.gather(1, sources.clamp_min(0).unsqueeze(-1).expand_as(maps))
+    stranded = (sources < 0).unsqueeze(-1)
+    return torch.where(stranded, maps if fallback is None else fallback, taken)

@@ -72,9 +72,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from saemnesia.concepts import check_concepts
-from saemnesia.erase import METHODS, features_for_percentile
+from saemnesia.erase import INTERVENTIONS, METHODS, features_for_percentile
 from saemnesia.generate import model_lock
 from saemnesia.hooks import hook_points, hooked_block
+from saemnesia.minicanvas.artifacts import ARTIFACT_THRESHOLD, ArtifactDetector, artifact_probabilities
 from saemnesia.minicanvas.classifier import MiniCanvasClassifier, Verdict, classify
 from saemnesia.studio import Studio
 from saemnesia.worlds import World, portable_name
@@ -102,13 +103,33 @@ DEFAULT_STRENGTH = -10.0
 """For an erasure the benchmark tuned nothing for (the SD world, a world without cached results)."""
 KINDS = ("object", "style")
 TABLE1_METRICS = ("ua", "ira", "cra")
-METRICS = (*TABLE1_METRICS, "cra_erased")
+METRICS = (*TABLE1_METRICS, "cra_erased", "ar", "ar_others")
 METHOD_NAMES = {"saemnesia": "SAEmnesia", "saeuron": "SAeUron"}
-# UnlearnCanvas Table 1 of the SAEmnesia paper.
+REPLACE_STRENGTH = 0.0
+"""The strength recorded for `replace`, which scales nothing."""
+
+
+def pipeline_key(method: str, intervention: str = "steer") -> str:
+    """A method with its intervention, as results name it: `saemnesia` (steer) or `saemnesia+replace`."""
+    return method if intervention == "steer" else f"{method}+{intervention}"
+
+
+def pipeline_label(key: str) -> str:
+    """`saemnesia+replace` -> "SAEmnesia + replace"."""
+    method, _, intervention = key.partition("+")
+    return METHOD_NAMES[method] + (f" + {intervention}" if intervention else "")
+
+
+# UnlearnCanvas: Table 1 of the SAEmnesia paper (steer) and PER's object table (replace, with its artifact
+# rate judged by a VLM; PER reports no styles).
 PAPER_TABLE = {
     "saemnesia": {"object": (94.65, 91.39, 88.48), "style": (96.60, 98.67, 99.30)},
     "saeuron": {"object": (87.16, 85.57, 74.14), "style": (95.80, 99.10, 99.40)},
+    "saemnesia+replace": {"object": (91.37, 91.92, 97.97)},
+    "saeuron+replace": {"object": (85.37, 81.14, 86.55)},
 }
+PAPER_AR = {"saemnesia": 49.8, "saeuron": 57.0, "saemnesia+replace": 15.5, "saeuron+replace": 16.3}
+"""PER's artifact rate on objects (%, a VLM's judgement): another instrument than ours, for the gap only."""
 UNTOUCHED = "none"
 """The method name of images made without erasure, in the cache."""
 SEQUENTIAL_RULE = (
@@ -142,6 +163,8 @@ class Judged(NamedTuple):
     style: str
     seen_object: str
     seen_style: str
+    artifact: bool | None = None
+    """Whether the artifact detector calls the image corrupted (None: not judged)."""
 
 
 class Metrics(NamedTuple):
@@ -153,6 +176,10 @@ class Metrics(NamedTuple):
     cra_erased: float | None = None
     """CRA on the erased concepts' own images alone: where an erasure that takes the rest of the image
     with it shows (CRA on the others' images stays near the ceiling)."""
+    ar: float | None = None
+    """Artifact rate on the erased concepts' own images, where the edit acts (`judged_artifact_rate`)."""
+    ar_others: float | None = None
+    """Artifact rate on the other concepts' images, which the edit should leave alone."""
 
     @property
     def score(self) -> float | None:
@@ -174,6 +201,12 @@ def accuracy(judged: Sequence[Judged], kind: str) -> float | None:
         return None
     seen = [j.seen_object if kind == "object" else j.seen_style for j in judged]
     return 100 * sum(s == _asked(j, kind) for s, j in zip(seen, judged)) / len(judged)
+
+
+def judged_artifact_rate(judged: Sequence[Judged]) -> float | None:
+    """100 x the share of images the artifact detector called corrupted; None if none was judged."""
+    called = [j.artifact for j in judged if j.artifact is not None]
+    return 100 * sum(called) / len(called) if called else None
 
 
 def erasure_metrics(judged: Sequence[Judged], erased: Collection[str], kind: str, kind_size: int) -> Metrics:
@@ -198,7 +231,12 @@ def erasure_metrics(judged: Sequence[Judged], erased: Collection[str], kind: str
         share = len(erased) / kind_size
         cross = share * cross_erased + (1 - share) * cross_others
     return Metrics(
-        None if erased_accuracy is None else 100 - erased_accuracy, accuracy(on_others, kind), cross, cross_erased
+        None if erased_accuracy is None else 100 - erased_accuracy,
+        accuracy(on_others, kind),
+        cross,
+        cross_erased,
+        judged_artifact_rate(on_erased),
+        judged_artifact_rate(on_others),
     )
 
 
@@ -221,34 +259,45 @@ class Setting(NamedTuple):
     method: str
     strength: float
     features_per_step: int = 1
+    intervention: str = "steer"
+
+    @property
+    def key(self) -> str:
+        return pipeline_key(self.method, self.intervention)
 
 
-def joint_setting(method: str, settings: Sequence[Setting]) -> Setting:
+def joint_setting(method: str, settings: Sequence[Setting], intervention: str = "steer") -> Setting:
     """One setting for several concepts erased together: the lower median (a value of the grid) of theirs."""
     return Setting(
         method,
         statistics.median_low(setting.strength for setting in settings),
         statistics.median_low(setting.features_per_step for setting in settings),
+        intervention,
     )
 
 
-def tuned_setting(results: Mapping, method: str, concepts: Sequence[str]) -> Setting | None:
-    """The benchmark results' setting for erasing `concepts` together with `method`, as sequential erasure
-    picks it; None if the results tuned none of them."""
-    tuned = results.get("methods", {}).get(method, {}).get("concepts", {})
+def tuned_setting(
+    results: Mapping, method: str, concepts: Sequence[str], intervention: str = "steer"
+) -> Setting | None:
+    """The benchmark results' setting for erasing `concepts` together with `method` and `intervention`, as
+    sequential erasure picks it; None if the results tuned none of them."""
+    tuned = results.get("methods", {}).get(pipeline_key(method, intervention), {}).get("concepts", {})
     settings = [
-        Setting(method, tuned[c]["chosen"]["strength"], tuned[c]["chosen"]["features_per_step"])
+        Setting(method, tuned[c]["chosen"]["strength"], tuned[c]["chosen"]["features_per_step"], intervention)
         for c in concepts
         if c in tuned
     ]
-    return joint_setting(method, settings) if settings else None
+    return joint_setting(method, settings, intervention) if settings else None
 
 
-def setting_or_default(results: Mapping | None, method: str, concepts: Sequence[str]) -> Setting:
+def setting_or_default(
+    results: Mapping | None, method: str, concepts: Sequence[str], intervention: str = "steer"
+) -> Setting:
     """`tuned_setting`, else `DEFAULT_STRENGTH` with one latent a step: what the app and `generate` use
     unless told otherwise. The two methods work at different scales (MiniCanvas's objects want -0.1 to
     -1 from SAEmnesia; -10 there leaves noise), so a tuned strength is the only sensible default."""
-    return tuned_setting(results or {}, method, concepts) or Setting(method, DEFAULT_STRENGTH, 1)
+    default = Setting(method, REPLACE_STRENGTH if intervention == "replace" else DEFAULT_STRENGTH, 1, intervention)
+    return tuned_setting(results or {}, method, concepts, intervention) or default
 
 
 BENCHMARK_PROTOCOLS = ("full", "standard", "quick")
@@ -274,10 +323,16 @@ def benchmark_results(world: World) -> dict | None:
     return None if benchmark is None else json.loads(benchmark.read_text())
 
 
-def search_grid(method: str, strengths: Sequence[float], saeuron_features: Sequence[int]) -> list[Setting]:
-    """The settings a method tries per concept: fewest latents per step first, each over the strengths mildest first."""
+def search_grid(
+    method: str, strengths: Sequence[float], saeuron_features: Sequence[int], intervention: str = "steer"
+) -> list[Setting]:
+    """The settings a method tries per concept: fewest latents per step first, each over the strengths mildest
+    first. `replace` scales nothing, so it has no strengths to try: SAeUron still chooses how many latents
+    detect (its percentile), SAEmnesia has nothing left to choose."""
     features = saeuron_features if method == "saeuron" else (1,)
-    return [Setting(method, float(strength), count) for count in features for strength in strengths]
+    if intervention == "replace":
+        return [Setting(method, REPLACE_STRENGTH, count, intervention) for count in features]
+    return [Setting(method, float(strength), count, intervention) for count in features for strength in strengths]
 
 
 def choose_setting(
@@ -355,6 +410,13 @@ class Protocol:
     """Both methods edit from this sampler step on (METHOD's optional start step; 0: every step)."""
     ties: str = "mildest"
     """How tied settings of the strength search are broken (`choose_setting`)."""
+    interventions: tuple[str, ...] = INTERVENTIONS
+    """Each method is measured with each of these (`erase.INTERVENTIONS`)."""
+
+    @property
+    def pipelines(self) -> list[tuple[str, str]]:
+        """Every (method, intervention) the protocol measures, steer first."""
+        return [(method, intervention) for intervention in self.interventions for method in METHODS]
 
     def strengths(self, kind: str) -> tuple[float, ...]:
         """The strength grid searched for concepts of `kind`."""
@@ -367,6 +429,8 @@ class Protocol:
             raise ValueError(f"start_step must be a whole number >= 0, got {self.start_step!r}.")
         if self.ties not in TIES:
             raise ValueError(f"ties must be one of {TIES}, got {self.ties!r}.")
+        if not self.interventions or set(self.interventions) - set(INTERVENTIONS):
+            raise ValueError(f"interventions must be some of {INTERVENTIONS}, got {self.interventions!r}.")
 
 
 FULL = Protocol(
@@ -483,11 +547,13 @@ def _plan(world: World, protocol: Protocol) -> _Plan:
     for seed in protocol.sequential_seeds if sequential else ():
         untouched.setdefault(seed, {}).update((spec.text, spec) for spec in sequential_prompts)
     images = len(protocol.tuning_seeds) * sum(
-        len(specs) * len(protocol.strengths(world.kind_of(concept))) * (1 + len(protocol.saeuron_features))
+        len(specs) * trials_of(protocol, method, intervention, world.kind_of(concept))
         for concept, specs in tuning.items()
+        for method, intervention in protocol.pipelines
     )
-    images += sum(len(specs) for specs in heldout.values()) * len(METHODS) * len(protocol.heldout_seeds)
-    images += len(sequential) * len(sequential_prompts) * len(METHODS) * len(protocol.sequential_seeds)
+    pipelines = len(protocol.pipelines)
+    images += sum(len(specs) for specs in heldout.values()) * pipelines * len(protocol.heldout_seeds)
+    images += len(sequential) * len(sequential_prompts) * pipelines * len(protocol.sequential_seeds)
     images += sum(len(specs) for specs in untouched.values())
     return _Plan(
         objects + styles,
@@ -500,6 +566,12 @@ def _plan(world: World, protocol: Protocol) -> _Plan:
     )
 
 
+def trials_of(protocol: Protocol, method: str, intervention: str, kind: str) -> int:
+    """Settings searched per concept; a grid of one setting needs no search, so no tuning images."""
+    grid = len(search_grid(method, protocol.strengths(kind), protocol.saeuron_features, intervention))
+    return grid if grid > 1 else 0
+
+
 def planned_images(world: World, protocol: Protocol) -> int:
     """How many images `evaluate` makes for `world` under `protocol` with an empty cache."""
     return _plan(world, protocol).images
@@ -508,15 +580,17 @@ def planned_images(world: World, protocol: Protocol) -> int:
 # --- Generating and judging, with the cache ------------------------------------------------------
 
 
-def _image_key(method: str, concepts: Sequence[str], strength: float, features: int, seed: int, prompt: str) -> tuple:
-    return method, tuple(concepts), float(strength), int(features), int(seed), prompt
+def _image_key(setting: Setting, concepts: Sequence[str], seed: int, prompt: str) -> tuple:
+    method, strength, features, intervention = setting
+    return method, intervention, tuple(concepts), float(strength), int(features), int(seed), prompt
 
 
-KEY_FIELDS = ("method", "concepts", "strength", "features_per_step", "seed", "prompt")
+KEY_FIELDS = ("method", "intervention", "concepts", "strength", "features_per_step", "seed", "prompt")
 
 
 def _record_key(record: dict) -> tuple:
-    return _image_key(*(record[name] for name in KEY_FIELDS))
+    setting = Setting(record["method"], record["strength"], record["features_per_step"], record["intervention"])
+    return _image_key(setting, record["concepts"], record["seed"], record["prompt"])
 
 
 class VerdictCache:
@@ -556,8 +630,14 @@ class VerdictCache:
                 handle.write("".join(json.dumps(record) + "\n" for record in records))
 
 
-def fingerprint(studio: Studio, classifier: MiniCanvasClassifier, method: str | None = None) -> str:
-    """A short hash of what decides a verdict: sampling settings, model, SAEs, statistics, classifier.
+def fingerprint(
+    studio: Studio,
+    classifier: MiniCanvasClassifier,
+    method: str | None = None,
+    artifact_detector: ArtifactDetector | None = None,
+) -> str:
+    """A short hash of what decides a verdict: sampling settings, model, SAEs, statistics, classifier and
+    artifact detector.
 
     Hashes the first and last tensor of every network (any training changes both) and all statistics;
     with `method`, only that method's SAEs and statistics (none for `UNTOUCHED`).
@@ -566,6 +646,7 @@ def fingerprint(studio: Studio, classifier: MiniCanvasClassifier, method: str | 
     digest = hashlib.sha256(json.dumps([world.name, world.steps, world.guidance, world.height, world.width]).encode())
     pipeline = studio.pipeline
     networks = [pipeline.unet, pipeline.text_encoder, pipeline.vae, classifier]
+    networks += [] if artifact_detector is None else [artifact_detector]
     for key in sorted(key for key in studio.bundles if method in (None, key[0])):
         for bundle in (studio.bundles[key], *studio.extra_bundles.get(key, ())):
             networks.append(bundle.sae)
@@ -584,9 +665,16 @@ class _Judge:
     """Makes (or finds in the cache) erased images and the classifier's verdicts on them."""
 
     def __init__(
-        self, studio: Studio, classifier: MiniCanvasClassifier, cache: VerdictCache, bar: tqdm, protocol: Protocol
+        self,
+        studio: Studio,
+        classifier: MiniCanvasClassifier,
+        cache: VerdictCache,
+        bar: tqdm,
+        protocol: Protocol,
+        artifact_detector: ArtifactDetector | None = None,
     ):
         self.studio, self.classifier, self.cache, self.bar = studio, classifier, cache, bar
+        self.artifact_detector = artifact_detector
         self.batch, self.start_step = protocol.batch_size, protocol.start_step
         self.generated = self.from_cache = 0
         self.seconds = 0.0
@@ -598,11 +686,11 @@ class _Judge:
         self, setting: Setting | None, concepts: Sequence[str], seeds: Sequence[int], specs: Sequence[PromptSpec]
     ) -> list[Judged]:
         """Verdicts on `specs` from every seed with `concepts` erased by `setting` (None: no erasure)."""
-        method, strength, features = setting or (UNTOUCHED, 0.0, 0)
-        concepts = list(concepts) if setting else []
+        setting = setting or Setting(UNTOUCHED, 0.0, 0)
+        concepts = list(concepts) if setting.method != UNTOUCHED else []
         judged = []
         for seed in seeds:
-            keys = [_image_key(method, concepts, strength, features, seed, spec.text) for spec in specs]
+            keys = [_image_key(setting, concepts, seed, spec.text) for spec in specs]
             missing = [spec for key, spec in zip(keys, specs) if self.cache.get(key) is None]
             self.from_cache += len(specs) - len(missing)
             self.bar.update(len(specs) - len(missing))
@@ -611,24 +699,38 @@ class _Judge:
             for key, spec in zip(keys, specs):
                 record = self.cache.get(key)
                 self.seconds += record["seconds"]
-                judged.append(Judged(spec.text, seed, spec.object, spec.style, record["object"], record["style"]))
+                judged.append(
+                    Judged(
+                        spec.text, seed, spec.object, spec.style, record["object"], record["style"], record["artifact"]
+                    )
+                )
         return judged
 
-    def _generate(self, setting: Setting | None, concepts: list[str], seed: int, specs: list[PromptSpec]) -> None:
+    def _generate(self, setting: Setting, concepts: list[str], seed: int, specs: list[PromptSpec]) -> None:
         studio = self.studio
-        method, strength, features = setting or (UNTOUCHED, 0.0, 0)
+        method, strength, features, intervention = setting
         self.bar.set_postfix_str(
-            f"{method} {'+'.join(concepts) or '-'} {strength:g} x{features} seed {seed}", refresh=False
+            f"{setting.key} {'+'.join(concepts) or '-'} {strength:g} x{features} seed {seed}", refresh=False
         )
         began = time.perf_counter()
-        hooks = studio.hooks(concepts, method, strength, self.start_step, features) if setting else []
+        hooks = (
+            studio.hooks(concepts, method, strength, self.start_step, features, intervention=intervention)
+            if method != UNTOUCHED
+            else []
+        )
         result = studio.generate([spec.text for spec in specs], hooks, seed, include_originals=False)
         verdicts = classify(self.classifier, result.erased)
+        artifacts = (
+            [None] * len(specs)
+            if self.artifact_detector is None
+            else [p >= ARTIFACT_THRESHOLD for p in artifact_probabilities(self.artifact_detector, result.erased)]
+        )
         seconds = time.perf_counter() - began
         self.cache.add(
             [
                 {
                     "method": method,
+                    "intervention": intervention,
                     "concepts": concepts,
                     "strength": strength,
                     "features_per_step": features,
@@ -636,9 +738,10 @@ class _Judge:
                     "prompt": spec.text,
                     "object": verdict.object,
                     "style": verdict.style,
+                    "artifact": artifact,
                     "seconds": seconds / len(specs),
                 }
-                for spec, verdict in zip(specs, verdicts)
+                for spec, verdict, artifact in zip(specs, verdicts, artifacts)
             ]
         )
         self.generated += len(specs)
@@ -864,11 +967,13 @@ def evaluate(
     protocol: Protocol = FULL,
     cache: Path | None = None,
     progress: bool = True,
+    artifact_detector: ArtifactDetector | None = None,
 ) -> dict:
     """Run the benchmark (strength search, held-out report, sequential erasure) and return the results JSON.
 
     `cache` is a JSONL file of verdicts (created if missing); a rerun with the same model finds its
-    images there and makes only what is missing.
+    images there and makes only what is missing. With an `artifact_detector` every image is also judged
+    for artifacts and each row gains AR.
     """
     began = time.time()
     world = studio.world
@@ -879,30 +984,34 @@ def evaluate(
             f"start_step must be below the world's {world.steps} sampler steps, got {protocol.start_step}."
         )
     kinds = {concept: world.kind_of(concept) for concept in plan.concepts}
-    tag = fingerprint(studio, classifier)
-    tags = {method: fingerprint(studio, classifier, method) for method in (UNTOUCHED, *METHODS)}
+    tag = fingerprint(studio, classifier, artifact_detector=artifact_detector)
+    tags = {method: fingerprint(studio, classifier, method, artifact_detector) for method in (UNTOUCHED, *METHODS)}
     if protocol.start_step:  # it decides the erased images: their verdicts are apart from those of step 0
         tags |= {method: f"{tags[method]}-from-step-{protocol.start_step}" for method in METHODS}
     logger.info("%d images planned (%s protocol)", plan.images, protocol.name)
     bar = tqdm(total=plan.images, desc=f"evaluate ({protocol.name})", unit="image", disable=not progress)
-    judge = _Judge(studio, classifier, VerdictCache(cache, tags), bar, protocol)
+    judge = _Judge(studio, classifier, VerdictCache(cache, tags), bar, protocol, artifact_detector)
     untouched = {
         (j.seed, j.prompt): j for seed, specs in plan.untouched.items() for j in judge.images(None, (), [seed], specs)
     }
 
-    methods: dict[str, dict] = {method: {"concepts": {}} for method in METHODS}
-    chosen: dict[str, dict[str, Setting]] = {method: {} for method in METHODS}
-    search_seconds = dict.fromkeys(METHODS, 0.0)
+    keys = [pipeline_key(method, intervention) for method, intervention in protocol.pipelines]
+    methods: dict[str, dict] = {
+        pipeline_key(method, intervention): {"method": method, "intervention": intervention, "concepts": {}}
+        for method, intervention in protocol.pipelines
+    }
+    chosen: dict[str, dict[str, Setting]] = {key: {} for key in keys}
+    search_seconds = dict.fromkeys(keys, 0.0)
     for concept in plan.concepts:
-        for method in METHODS:
-            seconds_before = judge.seconds
-            chosen[method][concept], methods[method]["concepts"][concept] = _erase_concept(
-                judge, protocol, plan, untouched, method, concept, kinds[concept]
+        for method, intervention in protocol.pipelines:
+            key, seconds_before = pipeline_key(method, intervention), judge.seconds
+            chosen[key][concept], methods[key]["concepts"][concept] = _erase_concept(
+                judge, protocol, plan, untouched, method, intervention, concept, kinds[concept]
             )
-            search_seconds[method] += judge.seconds - seconds_before
-    for method in METHODS:
-        methods[method]["summary"] = _summary(methods[method]["concepts"])
-        methods[method]["sequential"] = _sequential(judge, protocol, plan, untouched, method, chosen[method])
+            search_seconds[key] += judge.seconds - seconds_before
+    for key in keys:
+        methods[key]["summary"] = _summary(methods[key]["concepts"])
+        methods[key]["sequential"] = _sequential(judge, protocol, plan, untouched, chosen[key])
     bar.close()
     return {
         "schema": 1,
@@ -925,13 +1034,14 @@ def evaluate(
                 if method == "saemnesia"
             },
             "fingerprint": tag,
+            "artifact_detector": artifact_detector is not None,
         },
         "ceiling": ceiling(list(untouched.values()), kinds),
         "methods": methods,
         "search": _search_report(protocol, plan, kinds, search_seconds),
         "paper": {
-            method: {kind: dict(zip(TABLE1_METRICS, values)) for kind, values in table.items()}
-            for method, table in PAPER_TABLE.items()
+            key: {kind: dict(zip(TABLE1_METRICS, values)) for kind, values in table.items()}
+            for key, table in PAPER_TABLE.items()
         },
         "images": {"planned": plan.images, "generated": judge.generated, "from_cache": judge.from_cache},
         "generation_seconds": round(judge.generation_seconds, 2),
@@ -952,21 +1062,26 @@ def _erase_concept(
     plan: _Plan,
     untouched: Mapping[tuple[int, str], Judged],
     method: str,
+    intervention: str,
     concept: str,
     kind: str,
 ) -> tuple[Setting, dict]:
-    """Search `method`'s grid for `concept` on the tuning seeds, then measure the chosen setting on held-out ones."""
-    grid = search_grid(method, protocol.strengths(kind), protocol.saeuron_features)
-    trials = {
-        setting: judge.images(setting, [concept], protocol.tuning_seeds, plan.tuning[concept]) for setting in grid
-    }
+    """Search `method`'s grid for `concept` on the tuning seeds, then measure the chosen setting on held-out ones.
+    A grid of one setting (SAEmnesia's `replace`) is taken as it is, with no tuning images."""
+    grid = search_grid(method, protocol.strengths(kind), protocol.saeuron_features, intervention)
     kind_size = len(judge.studio.world.concepts_of(kind))
-    best, tuning = choose_setting(trials, concept, kind, kind_size, protocol.tuning_seeds, protocol.ties)
+    if len(grid) == 1:
+        best, tuning = grid[0], {}
+    else:
+        trials = {
+            setting: judge.images(setting, [concept], protocol.tuning_seeds, plan.tuning[concept]) for setting in grid
+        }
+        best, tuning = choose_setting(trials, concept, kind, kind_size, protocol.tuning_seeds, protocol.ties)
     heldout = judge.images(best, [concept], protocol.heldout_seeds, plan.heldout[concept])
     metrics = erasure_metrics(heldout, [concept], kind, kind_size)
     logger.info(
         "%s %s: strength %g, %d latent(s)/step: %s",
-        method,
+        best.key,
         concept,
         best.strength,
         best.features_per_step,
@@ -978,7 +1093,7 @@ def _erase_concept(
         "chosen": {
             "strength": best.strength,
             "features_per_step": best.features_per_step,
-            "tuning_score": _round(tuning[best].score),
+            "tuning_score": _round(tuning[best].score) if tuning else None,
         },
         "tuning": [
             {
@@ -999,7 +1114,6 @@ def _sequential(
     protocol: Protocol,
     plan: _Plan,
     untouched: Mapping[tuple[int, str], Judged],
-    method: str,
     chosen: Mapping[str, Setting],
 ) -> list[dict]:
     """UA / IRA / CRA with the first 1, 2, ... objects erased together, at the lower median of their tuned settings."""
@@ -1007,7 +1121,8 @@ def _sequential(
     objects = len(judge.studio.world.objects)
     steps = []
     for erased in plan.sequential:
-        setting = joint_setting(method, [chosen[c] for c in erased])
+        first = chosen[erased[0]]
+        setting = joint_setting(first.method, [chosen[c] for c in erased], first.intervention)
         judged = judge.images(setting, erased, protocol.sequential_seeds, plan.sequential_prompts)
         steps.append(
             {
@@ -1023,33 +1138,39 @@ def _sequential(
 
 
 def _search_report(protocol: Protocol, plan: _Plan, kinds: Mapping[str, str], seconds: Mapping[str, float]) -> dict:
-    """Trials, images and seconds of each method's search, and what the paper's 30 x 7 grid would cost."""
+    """Trials, images and seconds of each pipeline's search, and what the paper's 30 x 7 grid would cost.
+    `replace` searches no strength: SAeUron's trials are its latent counts, SAEmnesia's are none."""
     report: dict[str, dict] = {}
-    for method in METHODS:
-        grids = {kind: search_grid(method, protocol.strengths(kind), protocol.saeuron_features) for kind in KINDS}
-        trials = sum(len(grids[kinds[concept]]) for concept in plan.concepts)
-        report[method] = {
-            "strengths": {kind: list(protocol.strengths(kind)) for kind in KINDS},
-            "features_per_step": sorted({setting.features_per_step for setting in grids["object"]}),
+    for method, intervention in protocol.pipelines:
+        key = pipeline_key(method, intervention)
+        trials = sum(trials_of(protocol, method, intervention, kinds[concept]) for concept in plan.concepts)
+        grid = search_grid(method, protocol.strengths("object"), protocol.saeuron_features, intervention)
+        report[key] = {
+            "strengths": {kind: [] if intervention == "replace" else list(protocol.strengths(kind)) for kind in KINDS},
+            "features_per_step": sorted({setting.features_per_step for setting in grid}),
             "trials_per_concept": round(trials / len(plan.concepts), 2) if plan.concepts else None,
             "trials": trials,
             "images": len(protocol.tuning_seeds)
-            * sum(len(grids[kinds[concept]]) * len(specs) for concept, specs in plan.tuning.items()),
-            "seconds": round(seconds[method], 2),
-            "seconds_per_trial": round(seconds[method] / trials, 3) if trials else None,
+            * sum(
+                trials_of(protocol, method, intervention, kinds[concept]) * len(specs)
+                for concept, specs in plan.tuning.items()
+            ),
+            "seconds": round(seconds[key], 2),
+            "seconds_per_trial": round(seconds[key] / trials, 3) if trials else None,
         }
-    per_trial = report["saeuron"]["seconds_per_trial"]
+    per_trial = report["saeuron"]["seconds_per_trial"] if "saeuron" in report else None
     paper_trials = PAPER_GRID_TRIALS * len(plan.concepts)
     report["paper_grid"] = {
         "trials_per_concept": PAPER_GRID_TRIALS,
         "trials": paper_trials,
         "estimated_seconds": None if per_trial is None else round(per_trial * paper_trials),
     }
-    ours = report["saemnesia"]["trials_per_concept"]
-    report["trials_saved"] = {
-        "vs_saeuron": round(1 - ours / report["saeuron"]["trials_per_concept"], 4),
-        "vs_paper_grid": round(1 - ours / PAPER_GRID_TRIALS, 4),
-    }
+    if "saemnesia" in report and "saeuron" in report:
+        ours = report["saemnesia"]["trials_per_concept"]
+        report["trials_saved"] = {
+            "vs_saeuron": round(1 - ours / report["saeuron"]["trials_per_concept"], 4),
+            "vs_paper_grid": round(1 - ours / PAPER_GRID_TRIALS, 4),
+        }
     return report
 
 
@@ -1082,69 +1203,76 @@ def _cell(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def _pipelines(results: dict) -> list[str]:
+    """The results' pipeline keys in the order they were measured (steer first)."""
+    return list(results["methods"])
+
+
 def results_table(results: dict) -> str:
-    """Markdown: our held-out UA / IRA / CRA next to the paper's Table 1, the search cost, sequential erasure."""
+    """Markdown: our held-out UA / IRA / CRA and AR next to the papers', the search cost, sequential erasure."""
+    pipelines = _pipelines(results)
     lines = [
-        f"Erasure on {results['world']} ({results['protocol']['name']} protocol; paper: UnlearnCanvas, Table 1 "
-        "of SAEmnesia; different worlds, so compare the gaps, not the levels)",
+        f"Erasure on {results['world']} ({results['protocol']['name']} protocol; paper: UnlearnCanvas, Table 1 of "
+        "SAEmnesia for steer, PER's object table for replace; different worlds and artifact judges, so compare the "
+        "gaps, not the levels). AR: artifact rate on the erased concept's own images.",
         "",
-        "| method | erased | UA | IRA | CRA | mean | paper UA | paper IRA | paper CRA | paper mean "
-        "| CRA on the erased concept's images |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | erased | UA | IRA | CRA | mean | AR | CRA on the erased concept's images "
+        "| paper UA | paper IRA | paper CRA | paper mean | paper AR |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for kind in KINDS:
-        for method in METHODS:
-            summary = results["methods"][method]["summary"].get(kind)
+        for key in pipelines:
+            summary = results["methods"][key]["summary"].get(kind)
             if summary is None:
                 continue
-            paper = PAPER_TABLE[method][kind]
-            ours = [summary[name] for name in (*TABLE1_METRICS, "mean")]
+            paper = PAPER_TABLE.get(key, {}).get(kind)
+            paper_cells = [*paper, sum(paper) / 3] if paper else [None] * 4
+            paper_ar = PAPER_AR.get(key) if kind == "object" else None
+            ours = [summary[name] for name in (*TABLE1_METRICS, "mean", "ar", "cra_erased")]
             lines.append(
-                f"| {METHOD_NAMES[method]} | {kind}s | "
-                + " | ".join(map(_cell, [*ours, *paper, sum(paper) / 3, summary.get("cra_erased")]))
-                + " |"
+                f"| {pipeline_label(key)} | {kind}s | " + " | ".join(map(_cell, [*ours, *paper_cells, paper_ar])) + " |"
             )
-        summary = results["methods"]["saemnesia"]["summary"].get(kind)
+        summary = results["methods"][pipelines[0]]["summary"].get(kind)
         if summary is not None:
             untouched = summary["untouched"]
-            lines.append(
-                f"| untouched model | {kind}s | "
-                + " | ".join(_cell(untouched[name]) for name in (*TABLE1_METRICS, "mean"))
-                + " | | | | | "
-                + _cell(untouched.get("cra_erased"))
-                + " |"
-            )
+            cells = [untouched.get(name) for name in (*TABLE1_METRICS, "mean", "ar", "cra_erased")]
+            lines.append(f"| untouched model | {kind}s | " + " | ".join(map(_cell, cells)) + " | | | | | |")
     search = results["search"]
-    lines += ["", "Strength search (per concept, on tuning seeds):", ""]
-    for method in METHODS:
-        entry = search[method]
+    lines += ["", "Search (per concept, on tuning seeds):", ""]
+    for key in pipelines:
+        entry = search[key]
+        grid = entry["strengths"]["object"]
+        what = "strengths" if grid else "latent counts (replace scales nothing)"
         lines.append(
-            f"- {METHOD_NAMES[method]}: {entry['trials_per_concept']:g} trials a concept, {entry['trials']} in all, "
-            f"{entry['images']} images, {entry['seconds']:.0f} s"
+            f"- {pipeline_label(key)}: {entry['trials_per_concept']:g} trials a concept ({what}), "
+            f"{entry['trials']} in all, {entry['images']} images, {entry['seconds']:.0f} s"
         )
-    grids = search["saemnesia"]["strengths"]
-    lines.append(
-        "- strengths, both methods: "
-        + "; ".join(f"{kind}s {', '.join(f'{value:g}' for value in grids[kind])}" for kind in KINDS)
-    )
+    grids = search[pipelines[0]]["strengths"]
+    if any(grids.values()):
+        lines.append(
+            "- strengths, both methods: "
+            + "; ".join(f"{kind}s {', '.join(f'{value:g}' for value in grids[kind])}" for kind in KINDS)
+        )
     estimate = search["paper_grid"]["estimated_seconds"]
-    lines.append(
-        f"- the paper's SAeUron grid (30 x 7): {search['paper_grid']['trials']} trials, about "
-        f"{'-' if estimate is None else f'{estimate:.0f}'} s at SAeUron's measured time per trial; SAEmnesia "
-        f"searches {100 * search['trials_saved']['vs_paper_grid']:.2f}% fewer trials than that grid"
-    )
-    steps = results["methods"]["saemnesia"]["sequential"]
-    if steps:
+    if "trials_saved" in search:
+        lines.append(
+            f"- the paper's SAeUron grid (30 x 7): {search['paper_grid']['trials']} trials, about "
+            f"{'-' if estimate is None else f'{estimate:.0f}'} s at SAeUron's measured time per trial; SAEmnesia "
+            f"searches {100 * search['trials_saved']['vs_paper_grid']:.2f}% fewer trials than that grid"
+        )
+    first = results["methods"][pipelines[0]]["sequential"]
+    if first:
+        header = " | ".join(f"{pipeline_label(key)} UA / IRA / CRA" for key in pipelines)
         lines += [
             "",
             "Sequential erasure (held-out seeds; UA on the erased objects, IRA on the rest):",
             "",
-            "| objects erased | SAEmnesia UA / IRA / CRA | SAeUron UA / IRA / CRA | untouched UA / IRA / CRA |",
-            "|---:|---|---|---|",
+            f"| objects erased | {header} | untouched UA / IRA / CRA |",
+            "|---:|" + "---|" * (len(pipelines) + 1),
         ]
-        for index, step in enumerate(steps):
-            other = results["methods"]["saeuron"]["sequential"][index]
-            cells = [" / ".join(_cell(row[name]) for name in TABLE1_METRICS) for row in (step, other)]
+        for index, step in enumerate(first):
+            rows = [results["methods"][key]["sequential"][index] for key in pipelines]
+            cells = [" / ".join(_cell(row[name]) for name in TABLE1_METRICS) for row in rows]
             cells.append(" / ".join(_cell(step["untouched"][name]) for name in TABLE1_METRICS))
             lines.append(f"| {len(step['erased'])} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -1154,20 +1282,22 @@ def _nan(value: float | None) -> float:
     return math.nan if value is None else value
 
 
-METRIC_COLOURS = {"ua": "tab:red", "ira": "tab:blue", "cra": "tab:green"}
+METRIC_COLOURS = {"ua": "tab:red", "ira": "tab:blue", "cra": "tab:green", "ar": "tab:purple"}
 
 
 def plot_strength_curves(results: dict, path: Path) -> None:
     """UA, IRA, CRA against strength, averaged over each kind's erased concepts, one panel per method and kind.
 
-    These are tuning-seed numbers (the search itself); SAeUron's feature counts are line styles.
+    These are tuning-seed numbers (the search itself); SAeUron's feature counts are line styles. AR (the
+    artifact rate on the erased concept's images) shows what the stronger steer costs the picture.
     """
-    kinds = [kind for kind in KINDS if kind in results["methods"]["saemnesia"]["summary"]]
+    steered = [key for key in METHODS if key in results["methods"]]
+    kinds = [kind for kind in KINDS if kind in results["methods"][steered[0]]["summary"]]
     figure = Figure(figsize=(11, 3.4 * max(1, len(kinds))), layout="constrained")
-    axes = figure.subplots(max(1, len(kinds)), len(METHODS), squeeze=False)
+    axes = figure.subplots(max(1, len(kinds)), len(steered), squeeze=False)
     line_styles = ["-", "--", ":", "-."]
     for row, kind in enumerate(kinds):
-        for column, method in enumerate(METHODS):
+        for column, method in enumerate(steered):
             axis = axes[row][column]
             concepts = [entry for entry in results["methods"][method]["concepts"].values() if entry["kind"] == kind]
             trials: dict[tuple[int, float], list[dict]] = {}
@@ -1178,7 +1308,7 @@ def plot_strength_curves(results: dict, path: Path) -> None:
             for index, features in enumerate(feature_counts):
                 strengths = sorted(strength for count, strength in trials if count == features)
                 for name, colour in METRIC_COLOURS.items():
-                    values = [_nan(_mean([t[name] for t in trials[features, s]])) for s in strengths]
+                    values = [_nan(_mean([t.get(name) for t in trials[features, s]])) for s in strengths]
                     axis.plot(strengths, values, line_styles[index % 4], color=colour, marker="o", markersize=3)
             handles = [Line2D([], [], color=colour, label=name.upper()) for name, colour in METRIC_COLOURS.items()]
             if len(feature_counts) > 1:
@@ -1198,16 +1328,19 @@ def plot_strength_curves(results: dict, path: Path) -> None:
 
 
 def plot_sequential(results: dict, path: Path) -> None:
-    """UA, IRA, CRA after each sequential step, both methods and the untouched model."""
+    """UA, IRA, CRA after each sequential step, every pipeline and the untouched model."""
     figure = Figure(figsize=(12, 3.4), layout="constrained")
     axes = figure.subplots(1, 3)
+    pipelines = _pipelines(results)
     for axis, name in zip(axes, TABLE1_METRICS):
-        for method, style in zip(METHODS, ("o-", "s--")):
-            steps = results["methods"][method]["sequential"]
+        for key, style in zip(pipelines, ("o-", "s--", "o-", "s--")):
+            steps = results["methods"][key]["sequential"]
+            colour = "tab:orange" if "+" in key else "tab:blue"
             axis.plot(
-                [len(s["erased"]) for s in steps], [_nan(s[name]) for s in steps], style, label=METHOD_NAMES[method]
-            )
-        steps = results["methods"]["saemnesia"]["sequential"]
+                [len(s["erased"]) for s in steps], [_nan(s[name]) for s in steps], style, color=colour,
+                label=pipeline_label(key), alpha=0.9 if key.startswith("saemnesia") else 0.6,
+            )  # fmt: skip
+        steps = results["methods"][pipelines[0]]["sequential"]
         axis.plot(
             [len(s["erased"]) for s in steps],
             [_nan(s["untouched"][name]) for s in steps],

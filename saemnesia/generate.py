@@ -20,9 +20,19 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from torch import Tensor
 
-from saemnesia.erase import EditEncoder, Erasure, PreparedEdit, apply_step_edit, rank_counted_changes
+from saemnesia.erase import (
+    EditEncoder,
+    Erasure,
+    PreparedEdit,
+    apply_step_edit,
+    detected_tokens,
+    grid_distances,
+    rank_counted_changes,
+    replace_tokens,
+    replacement_sources,
+)
 from saemnesia.hooks import block_width, hooked_block
-from saemnesia.sae import EncoderOutput, Sae
+from saemnesia.sae import Sae
 
 _model_locks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _locks_guard = threading.Lock()
@@ -53,7 +63,8 @@ class Trace:
     """The hooked block's sparse codes on the conditional rows, every step, for activation maps.
 
     Rows are ordered like the images: originals first, then erased copies. Codes are of the block
-    output as it arrived (before the edit); `edited` marks the tokens the edit changed.
+    output as it arrived (before the edit); `edited` marks the tokens the edit changed (for `replace`,
+    the detected ones) and `sources` says, under `replace`, whose value each token took.
     """
 
     top_acts: Tensor
@@ -65,6 +76,9 @@ class Trace:
     height: int
     width: int
     timesteps: list[int]
+    sources: Tensor | None = None
+    """[steps, rows, tokens] long, under `replace`: the token whose value each token took (itself if
+    untouched, -1 if it was detected but its map had nothing undetected to take from)."""
 
     def latent_map(self, latent: int, step: int, row: int) -> Tensor:
         """[height, width] activation of one latent at one step on one image."""
@@ -73,6 +87,10 @@ class Trace:
 
     def edit_mask(self, step: int, row: int) -> Tensor:
         return self.edited[step, row].reshape(self.height, self.width)
+
+    def source_map(self, step: int, row: int) -> Tensor | None:
+        """[height, width] the token index each token took its value from (`replace` only)."""
+        return None if self.sources is None else self.sources[step, row].reshape(self.height, self.width)
 
 
 @dataclass
@@ -117,53 +135,89 @@ def _block_edit(
     The pipeline's batch is `originals` unedited rows then the erased ones (`batch` in all); with
     guidance the block sees it twice, unconditional half first.
     """
-
-    step_edits = [hook.erasure.at(step, t) if hook.erasure is not None else None for step, t in enumerate(timesteps)]
+    erasure = hook.erasure
+    step_edits = [erasure.at(step, t) if erasure is not None else None for step, t in enumerate(timesteps)]
     step_edits = [None if e is None else PreparedEdit.of(hook.sae, e) for e in step_edits]
-    encoder = EditEncoder.of(hook.sae) if hook.erasure is not None and not hook.record else None
+    replacing = erasure is not None and erasure.intervention == "replace"
+    encoder = EditEncoder.of(hook.sae) if erasure is not None and not replacing and not hook.record else None
 
     def edit(hidden: Tensor, step: int) -> Tensor:
         step_edit = step_edits[step]
         if step_edit is None and not hook.record:
             return hidden
         if not hook.record:
+            if replacing:
+                return _replace_erased_rows(hidden, batch, originals, step_edit)[0]
             return _edit_erased_rows(encoder, hidden, batch, originals, step_edit)
         rows, channels, h, w = hidden.shape
         tokens = hidden.permute(0, 2, 3, 1).reshape(rows, h * w, channels)
-        erased_rows = [r for r in range(rows) if r % batch >= originals]
         conditional_rows = list(range(rows - batch, rows))
-        encode_rows = sorted(set(erased_rows) | set(conditional_rows))
-        encoded = hook.sae.encode(tokens[encode_rows])
-        edited = torch.zeros(len(encode_rows), h * w, dtype=torch.bool, device=hidden.device)
-        if step_edit is not None:
-            picks = [encode_rows.index(r) for r in erased_rows]
-            erased_codes = EncoderOutput(encoded.top_acts[picks], encoded.top_indices[picks], None)
-            new_tokens, edited[picks] = apply_step_edit(tokens[erased_rows], erased_codes, step_edit)
+        encoded = hook.sae.encode(tokens[conditional_rows])
+        edited = torch.zeros(batch, h * w, dtype=torch.bool, device=hidden.device)
+        positions = torch.arange(h * w, device=hidden.device)
+        sources = positions.repeat(batch, 1)
+        if step_edit is not None and replacing:
+            hidden, replaced = _replace_erased_rows(hidden, batch, originals, step_edit)
+            sources[originals:] = replaced[-1]
+            edited[originals:] = replaced[-1] != positions
+        elif step_edit is not None:
+            erased_rows = [r for r in range(rows) if r % batch >= originals]
+            new_tokens, erased_edited = apply_step_edit(
+                tokens[erased_rows], hook.sae.encode(tokens[erased_rows]), step_edit
+            )
+            edited[originals:] = erased_edited.view(len(erased_rows), h * w)[-(batch - originals) :]
             tokens = tokens.clone()
             tokens[erased_rows] = new_tokens
             hidden = tokens.reshape(rows, h, w, channels).permute(0, 3, 1, 2).contiguous()
-        keep = [encode_rows.index(r) for r in conditional_rows]
-        codes.append((encoded.top_acts[keep].float().cpu(), encoded.top_indices[keep].cpu(), edited[keep].cpu()))
+        codes.append(
+            (
+                encoded.top_acts.float().cpu(),
+                encoded.top_indices.cpu(),
+                edited.cpu(),
+                sources.cpu() if replacing else None,
+            )
+        )
         return hidden
 
     return edit
 
 
+def _erased_view(hidden: Tensor, batch: int, originals: int) -> Tensor:
+    """[guidance halves, erased rows, C, h, w]: a view of the erased rows of the block output `hidden`."""
+    return hidden.unflatten(0, (hidden.shape[0] // batch, batch))[:, originals:]
+
+
 def _edit_erased_rows(
     encoder: EditEncoder, hidden: Tensor, batch: int, originals: int, step_edit: PreparedEdit
 ) -> Tensor:
-    """The edit with nothing recorded, at the least work per step.
+    """The steer edit with nothing recorded, at the least work per step.
 
     Only the erased rows' tokens are gathered and encoded, and only the edited latents' codes are
     computed: no top-k over the dictionary. The change is added in place to a copy of the block output.
     """
-    rows, channels, h, w = hidden.shape
+    channels, h, w = hidden.shape[1:]
     edited = hidden.clone()
-    erased = edited.unflatten(0, (rows // batch, batch))[:, originals:]  # [guidance halves, erased, C, h, w]
+    erased = _erased_view(edited, batch, originals)
     tokens = erased.permute(0, 1, 3, 4, 2).reshape(-1, channels)
     change = rank_counted_changes(encoder, tokens, step_edit)
     erased += change.view(*erased.shape[:2], h, w, channels).permute(0, 1, 4, 2, 3)
     return edited
+
+
+def _replace_erased_rows(hidden: Tensor, batch: int, originals: int, step_edit: PreparedEdit) -> tuple[Tensor, Tensor]:
+    """The replace edit: in each erased row's feature map, each guidance half on its own, detected tokens
+    take the nearest undetected token's value (`replacement_sources`). Returns the new block output and
+    the sources `[halves, erased rows, h*w]`."""
+    channels, h, w = hidden.shape[1:]
+    edited = hidden.clone()
+    erased = _erased_view(edited, batch, originals)
+    maps = erased.permute(0, 1, 3, 4, 2).reshape(-1, h * w, channels)  # [halves * erased rows, h*w, C]
+    detected = detected_tokens(maps.reshape(-1, channels), step_edit).view(maps.shape[:2])
+    sources = replacement_sources(detected, grid_distances(h, w, hidden.device))
+    if detected.any():
+        replaced = replace_tokens(maps, sources)
+        erased.copy_(replaced.view(*erased.shape[:2], h, w, channels).permute(0, 1, 4, 2, 3))
+    return edited, sources.view(*erased.shape[:2], h * w)
 
 
 @torch.no_grad()
@@ -214,9 +268,11 @@ def generate_pairs(
     traces = {}
     for block, block_codes in codes.items():
         if block_codes:
-            acts, indices, edited = (torch.stack(parts) for parts in zip(*block_codes))
+            acts, indices, edited, sources = zip(*block_codes)
+            acts, indices, edited = torch.stack(acts), torch.stack(indices), torch.stack(edited)
             side = int(round(acts.shape[2] ** 0.5))
-            traces[block] = Trace(acts, indices, edited, side, acts.shape[2] // side, timesteps)
+            sources = None if sources[0] is None else torch.stack(sources)
+            traces[block] = Trace(acts, indices, edited, side, acts.shape[2] // side, timesteps, sources)
     settings = {
         "prompts": list(prompts),
         "seed": seed,
@@ -226,7 +282,8 @@ def generate_pairs(
         "width": width,
         "erasures": [
             {"block": hook.block, "concepts": list(hook.erasure.concepts), "method": hook.erasure.method,
-             "strength": hook.erasure.strength, "start_step": hook.erasure.start_step}
+             "strength": hook.erasure.strength, "start_step": hook.erasure.start_step,
+             "intervention": hook.erasure.intervention}
             for hook in hooks if hook.erasure is not None
         ],
     }  # fmt: skip

@@ -15,7 +15,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from saemnesia.concepts import ConceptDictionary, ConceptStats, check_concepts
-from saemnesia.erase import METHODS, check_strength, saemnesia_erasure, saeuron_erasure
+from saemnesia.erase import INTERVENTIONS, METHODS, check_strength, saemnesia_erasure, saeuron_erasure
 from saemnesia.generate import PairResult, SaeHook, check_sae_fits, generate_pairs
 from saemnesia.sae import Sae
 from saemnesia.worlds import World, load_pipeline
@@ -162,11 +162,14 @@ class Studio:
         start_step: int = 0,
         features_per_step: int = 1,
         record: bool = False,
+        intervention: str = "steer",
     ) -> list[SaeHook]:
         """The SAE hooks that erase `concepts` (objects at the object block, styles at the style block, and
-        each kind at its extra blocks)."""
+        each kind at its extra blocks), by steering their latents or replacing the tokens they detect."""
         if method not in METHODS:
             raise SettingsError(f"method must be one of {', '.join(METHODS)}, got {method!r}.")
+        if intervention not in INTERVENTIONS:
+            raise SettingsError(f"intervention must be one of {', '.join(INTERVENTIONS)}, got {intervention!r}.")
         check_strength(strength)
         _check_number("features_per_step", features_per_step, integer=True)
         concepts = self.check_concepts(concepts)
@@ -183,9 +186,9 @@ class Studio:
             for each in (bundle, *self.extra_bundles.get((method, kind), ())):
                 erasure = None
                 if chosen and method == "saemnesia":
-                    erasure = saemnesia_erasure(each.stats, each.dictionary, chosen, strength, start_step)
+                    erasure = saemnesia_erasure(each.stats, each.dictionary, chosen, strength, start_step, intervention)
                 elif chosen:
-                    erasure = saeuron_erasure(each.stats, chosen, strength, features_per_step, start_step)
+                    erasure = saeuron_erasure(each.stats, chosen, strength, features_per_step, start_step, intervention)
                 if erasure is not None or record:
                     hooks.append(SaeHook(each.block, each.sae, erasure, record))
         return hooks
@@ -220,9 +223,11 @@ class Studio:
         features_per_step: int = 1,
         record: bool = False,
         include_originals: bool = True,
+        intervention: str = "steer",
     ) -> PairResult:
         """Original and erased images for each prompt, all from `seed`; settings checked first.
-        Without `include_originals` only the erased images are made (`originals` is then empty)."""
+        Without `include_originals` only the erased images are made (`originals` is then empty).
+        Under `intervention="replace"` the strength plays no part."""
         steps = self.world.steps if steps is None else steps
         guidance = self.world.guidance if guidance is None else guidance
         _check_number("steps", steps, integer=True)
@@ -233,7 +238,7 @@ class Studio:
         if isinstance(prompts, str) or not prompts:
             raise SettingsError(f"prompts must be a non-empty list of texts, got {prompts!r}.")
         warnings = [warning for prompt in prompts if (warning := self.check_prompt(prompt)[1])]
-        hooks = self.hooks(concepts, method, strength, start_step, features_per_step, record)
+        hooks = self.hooks(concepts, method, strength, start_step, features_per_step, record, intervention)
         result = generate_pairs(
             self.pipeline,
             prompts,

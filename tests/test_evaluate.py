@@ -199,23 +199,28 @@ def test_prompts_are_balanced_and_distinct():
 
 
 def test_protocol_image_counts_match_the_documented_budget():
-    assert planned_images(MINICANVAS, FULL) == 15_832
-    assert planned_images(MINICANVAS, QUICK) == 1_131
+    assert planned_images(MINICANVAS, FULL) == 21_132
+    assert planned_images(MINICANVAS, dataclasses.replace(FULL, interventions=("steer",))) == 15_832
+    assert planned_images(MINICANVAS, QUICK) == 1_461
+    with pytest.raises(ValueError, match="interventions must be some of"):
+        dataclasses.replace(QUICK, interventions=("scrub",))
     with pytest.raises(ValueError, match="seeds must differ"):
         dataclasses.replace(QUICK, heldout_seeds=QUICK.tuning_seeds)
 
 
 def test_cache_skips_broken_lines_and_other_fingerprints(tmp_path):
     path = tmp_path / "cache.jsonl"
-    record = {"method": "saemnesia", "concepts": ["circle"], "strength": -5.0, "features_per_step": 1, "seed": 3}
-    record |= {"prompt": "a circle", "object": "star", "style": "neon", "seconds": 0.1}
+    record = {"method": "saemnesia", "intervention": "steer", "concepts": ["circle"], "strength": -5.0}
+    record |= {"features_per_step": 1, "seed": 3, "prompt": "a circle", "object": "star", "style": "neon"}
+    record |= {"artifact": False, "seconds": 0.1}
     lines = [json.dumps(record | {"fingerprint": "old"}), json.dumps(record | {"fingerprint": "new", "seed": 4})]
     path.write_text("\n".join(lines) + '\n{"method": "saemn')
     cache = VerdictCache(path, {"saemnesia": "new", "none": "old"})
-    assert list(cache.records) == [("saemnesia", ("circle",), -5.0, 1, 4, "a circle")]
+    assert list(cache.records) == [("saemnesia", "steer", ("circle",), -5.0, 1, 4, "a circle")]
     cache.add([dict(record)])
     reloaded = VerdictCache(path, {"saemnesia": "new"})
-    assert set(reloaded.records) == {("saemnesia", ("circle",), -5.0, 1, seed, "a circle") for seed in (3, 4)}
+    expected = {("saemnesia", "steer", ("circle",), -5.0, 1, seed, "a circle") for seed in (3, 4)}
+    assert set(reloaded.records) == expected
 
 
 def tiny_studio() -> Studio:
