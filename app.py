@@ -8,14 +8,20 @@ Every event has an `api_name`, so each action is also an HTTP / `gradio_client` 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
+import math
 import os
 import time
 from dataclasses import replace
 from functools import partial
-from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+try:  # ZeroGPU wants `spaces` imported before anything touches CUDA; without it the app runs the same
+    import spaces
+except ImportError:
+    spaces = None
 
 import gradio as gr  # noqa: E402
 import pandas as pd  # noqa: E402
@@ -25,17 +31,27 @@ from saemnesia.erase import STRENGTH_RANGE  # noqa: E402
 from saemnesia.evaluate import (  # noqa: E402
     DEFAULT_STRENGTH,
     benchmark_results,
+    pipeline_key,
+    pipeline_label,
     result_paths,
     result_sets,
     results_table,
     setting_or_default,
 )
-from saemnesia.heatmaps import mask_overlay, overlay, upscale  # noqa: E402
-from saemnesia.studio import Studio  # noqa: E402
+from saemnesia.heatmaps import mask_overlay, overlay, source_arrows, upscale  # noqa: E402
+from saemnesia.prepare import assets_folder, is_prepared, prepare  # noqa: E402
+from saemnesia.studio import LIMITS, Studio  # noqa: E402
 from saemnesia.worlds import WORLDS  # noqa: E402
 
 DISPLAY = 256
 METHOD_CHOICES = {"SAEmnesia": ["saemnesia"], "SAeUron (baseline)": ["saeuron"], "Both": ["saemnesia", "saeuron"]}
+INTERVENTION_CHOICES = {
+    "Replace (PER)": ["replace"],
+    "Steer": ["steer"],
+    "Compare: steer and replace": ["steer", "replace"],
+}
+DEFAULT_INTERVENTION = "Compare: steer and replace"
+RUN_CHOICES = [pipeline_key(m, i) for i in ("replace", "steer") for m in ("saemnesia", "saeuron")]
 
 ABOUT = """
 **SAEmnesia** ([Cassano et al., ICML 2026, arXiv 2509.21379](https://arxiv.org/abs/2509.21379)) erases a
@@ -150,7 +166,14 @@ def erase_tab(studio: Studio, classifier, last_run: gr.State, benchmark: dict | 
                 label="Concepts to erase",
                 info="Objects and styles, by name; several at once.",
             )
-            method = gr.Radio(list(METHOD_CHOICES), value="Both", label="Method")
+            method = gr.Radio(list(METHOD_CHOICES), value="SAEmnesia", label="Method (whose SAE detects the concept)")
+            intervention = gr.Radio(
+                list(INTERVENTION_CHOICES),
+                value=DEFAULT_INTERVENTION,
+                label="Intervention",
+                info="Steer scales the concept's neuron by γ; replace (PER) uses it only to find the concept's "
+                "tokens and overwrites them with the nearest untouched ones, so γ plays no part.",
+            )
             with gr.Row():
                 strength = gr.Slider(
                     STRENGTH_RANGE[0], 0, value=ours, step=0.01, label="SAEmnesia strength γ (negative erases)"
@@ -182,7 +205,7 @@ def erase_tab(studio: Studio, classifier, last_run: gr.State, benchmark: dict | 
         api_name=False,
     )
 
-    def run_method(name, prompts, concepts, settings, record=False, include_originals=True):
+    def run_method(name, prompts, concepts, settings, record=False, include_originals=True, intervention="steer"):
         """One method's images for `prompts` at the shared settings, errors as messages for the visitor."""
         strength, seed, steps, guidance, start_step, features, saeuron_strength = settings
         try:
@@ -198,19 +221,27 @@ def erase_tab(studio: Studio, classifier, last_run: gr.State, benchmark: dict | 
                 features_per_step=whole_as_int(features),
                 record=record,
                 include_originals=include_originals,
+                intervention=intervention,
             )
         except (ValueError, KeyError) as error:
             raise gr.Error(str(error), print_exception=False) from None
         except torch.OutOfMemoryError:
             raise gr.Error("The server ran out of memory for this request: try again, or with fewer steps.") from None
 
-    def checked(prompt, concepts, method):
+    def checked(prompt, concepts, method, intervention):
         methods = METHOD_CHOICES.get(method) if isinstance(method, str) else None
         if methods is None:
             raise gr.Error(f"method must be one of {', '.join(METHOD_CHOICES)}, got {method!r}.", print_exception=False)
+        interventions = INTERVENTION_CHOICES.get(intervention) if isinstance(intervention, str) else None
+        if interventions is None:
+            raise gr.Error(
+                f"intervention must be one of {', '.join(INTERVENTION_CHOICES)}, got {intervention!r}.",
+                print_exception=False,
+            )
         try:
             prompt, prompt_warning = studio.check_prompt(prompt)
-            return prompt, prompt_warning, studio.check_concepts(concepts or []), methods
+            runs = [(name, each) for name in methods for each in interventions]
+            return prompt, prompt_warning, studio.check_concepts(concepts or []), runs
         except (ValueError, KeyError) as error:
             raise gr.Error(str(error), print_exception=False) from None
 
@@ -225,39 +256,50 @@ def erase_tab(studio: Studio, classifier, last_run: gr.State, benchmark: dict | 
         start_step,
         features,
         saeuron_strength=DEFAULT_STRENGTH,
+        intervention=DEFAULT_INTERVENTION,
         progress=gr.Progress(),
     ):
-        """The pair (and the other method's erased image with Both), codes recorded for Inspect. `strength` is
-        SAEmnesia's and `saeuron_strength` SAeUron's (last, so gradio_client scripts that predate it keep
-        working, the client filling in the slider's value)."""
-        prompt, prompt_warning, concepts, methods = checked(prompt, concepts, method)
+        """The pair, and with several methods or interventions each one's erased image, codes recorded for
+        Inspect. `strength` is SAEmnesia's and `saeuron_strength` SAeUron's; both come after the older inputs
+        (so gradio_client scripts that predate them keep working, the client filling in the default)."""
+        prompt, prompt_warning, concepts, pipelines = checked(prompt, concepts, method, intervention)
         settings = (strength, seed, steps, guidance, start_step, features, saeuron_strength)
         started, runs = time.perf_counter(), {}
-        for index, name in enumerate(methods):
-            progress(index / len(methods), desc=f"Generating with {name}")
-            runs[name] = run_method(name, [prompt], concepts, settings, record=True)
+        for index, (name, each) in enumerate(pipelines):
+            key = pipeline_key(name, each)
+            progress(index / len(pipelines), desc=f"Generating: {pipeline_label(key)}")
+            runs[key] = run_method(name, [prompt], concepts, settings, record=True, intervention=each)
         elapsed = time.perf_counter() - started
-        first = runs[methods[0]]
+        first = next(iter(runs.values()))
         original = first.originals[0]
-        shown = {"original": original} | {f"erased ({name})": result.erased[0] for name, result in runs.items()}
+        shown = {"original": original} | {
+            f"erased: {pipeline_label(key)}": result.erased[0] for key, result in runs.items()
+        }
         gallery = [(upscale(image, DISPLAY), name) for name, image in shown.items()]
-        notes = [f"{len(methods) * 2} images in {elapsed:.1f} s · seed {int(seed)}"]
+        notes = [f"{len(pipelines) * 2} images in {elapsed:.1f} s · seed {int(seed)}"]
         notes += [f"⚠️ {prompt_warning}"] if prompt_warning else []
         notes.append(verdict_rows(classifier, shown))
-        state = {"runs": runs, "request": (prompt, concepts, methods[0], settings)}
-        return (upscale(original, DISPLAY), upscale(first.erased[0], DISPLAY)), gallery, "\n\n".join(notes), state
+        first_method, first_intervention = pipelines[-1] if len(pipelines) > 1 else pipelines[0]
+        state = {
+            "runs": runs,
+            "request": (prompt, concepts, first_method, settings, first_intervention),
+            "last": pipeline_key(first_method, first_intervention),
+        }
+        shown_erased = runs[state["last"]].erased[0]
+        return (upscale(original, DISPLAY), upscale(shown_erased, DISPLAY)), gallery, "\n\n".join(notes), state
 
     def erase_neighbours(state, progress=gr.Progress()):
         """The last pair's erasure (its first method, same settings) on its prompt with the erased concept
         swapped for others: what must survive. Its own event, after the pair, so the pair never waits."""
         if not state:
             raise gr.Error("No erasure yet: press Erase first.", print_exception=False)
-        prompt, concepts, method, settings = state["request"]
+        prompt, concepts, method, settings, intervention = state["request"]
         prompts = studio.neighbour_prompts(prompt, concepts)
         if not prompts:
             return []
         progress(0, desc="Erasing from the neighbours")
-        erased = run_method(method, prompts, concepts, settings, include_originals=False).erased
+        erased = run_method(method, prompts, concepts, settings, include_originals=False, intervention=intervention)
+        erased = erased.erased
         captions = [f"“{text}” erased" for text in prompts]
         seen = verdicts(classifier, erased)
         if seen is not None:  # the kind the neighbours differ in: the erased concept's
@@ -270,7 +312,19 @@ def erase_tab(studio: Studio, classifier, last_run: gr.State, benchmark: dict | 
 
     run.click(
         erase,
-        [prompt, concepts, method, strength, seed, steps, guidance, start_step, features, saeuron_strength],
+        [
+            prompt,
+            concepts,
+            method,
+            strength,
+            seed,
+            steps,
+            guidance,
+            start_step,
+            features,
+            saeuron_strength,
+            intervention,
+        ],
         [slider, panes, status, last_run],
         api_name="erase",
         preprocess=False,  # raw values reach the Studio, whose checks name the field (gradio's do not)
@@ -281,28 +335,54 @@ def inspect_tab(studio: Studio, last_run: gr.State) -> None:
     world = studio.world
     gr.Markdown(
         "Where does a neuron fire? Run **Erase** first; its activations are kept, so moving the sliders here "
-        "needs no new generation. One colour scale for both runs; the mask shows the tokens the edit changed."
+        "needs no new generation. One colour scale for both runs. The mask shows the tokens the edit changed: "
+        "under *steer* where the neuron was scaled, under *replace* the detected tokens, each with an arrow from "
+        "the token whose value it took (a cross: the whole map was detected, so the token took the unconditional "
+        "half's token at its place)."
     )
+    waiting = gr.Markdown("No erasure has run yet: press **Erase** on the Erase tab, then come back.")
     with gr.Row():
         concept = gr.Dropdown(
             list(world.concepts), value=default_concept(world), label="Concept (its SAEmnesia neuron)"
         )
         neuron = gr.Number(value=-1, precision=0, label="…or a neuron number (−1: the concept's own)")
-        method = gr.Radio(["saemnesia", "saeuron"], value="saemnesia", label="Whose run and SAE")
+        method = gr.Radio(
+            [(pipeline_label(key), key) for key in RUN_CHOICES], value=RUN_CHOICES[0], label="Whose run and SAE"
+        )
     with gr.Row():
-        step = gr.Slider(0, 49, value=10, step=1, label="Step")
+        step = gr.Slider(0, world.steps - 1, value=world.steps // 2, step=1, label="Step (of the last run)")
         opacity = gr.Slider(0, 1, value=0.6, step=0.05, label="Heatmap opacity")
     with gr.Row():
         original_map = gr.Image(label="Original run", height=DISPLAY)
         erased_map = gr.Image(label="Erased run", height=DISPLAY)
-        mask = gr.Image(label="Edit mask (tokens changed)", height=DISPLAY)
+        mask = gr.Image(label="Edit mask (replace: detected tokens and where each took its value)", height=DISPLAY)
     info = gr.Markdown()
+
+    def follow_last_run(state):
+        """Inspect opens on the last run: its erased concept, its method and intervention, its steps."""
+        if not state:
+            return gr.update(), gr.update(), gr.update(), gr.update(visible=True)
+        steps = len(next(iter(next(iter(state["runs"].values())).traces.values())).timesteps)
+        concepts = state["request"][1]
+        return (
+            gr.update(value=concepts[0]) if concepts else gr.update(),
+            gr.update(value=state["last"]),
+            gr.update(
+                maximum=steps - 1, value=min(steps - 1, steps // 2), label=f"Step (0 – {steps - 1}, of the last run)"
+            ),
+            gr.update(visible=False),
+        )
+
+    last_run.change(follow_last_run, last_run, [concept, method, step, waiting], api_name=False)
 
     def inspect(state, concept, neuron, method, step, opacity):
         if not state or method not in state["runs"]:
-            raise gr.Error(f"No {method} run to inspect yet: press Erase on the Erase tab (method {method} or Both).")
+            label = pipeline_label(method) if method in RUN_CHOICES else method
+            raise gr.Error(
+                f"No {label} run to inspect yet: press Erase on the Erase tab with that method and intervention."
+            )
         kind = world.kind_of(concept) if concept in world.concepts else "object"
-        bundle = studio.bundles.get((method, kind))
+        bundle = studio.bundles.get((method.partition("+")[0], kind))
         result = state["runs"][method]
         trace = result.traces.get(bundle.block) if bundle else None
         if trace is None:
@@ -326,11 +406,17 @@ def inspect_tab(studio: Studio, last_run: gr.State) -> None:
             overlay(result.originals[0], maps[0], scale, opacity, DISPLAY),
             overlay(result.erased[0], maps[1], scale, opacity, DISPLAY),
         ]
-        edit = mask_overlay(result.erased[0], trace.edit_mask(step, count), DISPLAY)
+        sources = trace.source_map(step, count)
+        if sources is None:
+            edit = mask_overlay(result.erased[0], trace.edit_mask(step, count), DISPLAY)
+        else:
+            edit = source_arrows(result.erased[0], sources, DISPLAY)
+        edited = int(trace.edit_mask(step, count).sum())
         text = (
             f"Neuron **{latent}** at `{bundle.block}`, step {step} (t = {trace.timesteps[step]}). "
             f"Peak activation: original {float(maps[0].max()):.2f}, erased {float(maps[1].max()):.2f} "
-            f"(colour scale 0 – {scale:.2f}). Tokens edited: {int(trace.edit_mask(step, count).sum())}."
+            f"(colour scale 0 – {scale:.2f}). "
+            + (f"Tokens edited: {edited}." if sources is None else f"Tokens detected and replaced: {edited}.")
         )
         return *images, edit, text
 
@@ -452,6 +538,14 @@ def metrics_tab(studio: Studio, classifier, results: dict) -> None:
         shown.change(partial(result_set_view, studio.world), shown, [table, gallery], api_name="result_set")
     else:
         gr.Markdown("No cached benchmark yet.")
+    drift = studio.world.assets / "results" / "drift.md" if studio.world.assets else None
+    if drift is not None and drift.is_file():
+        gr.Markdown(
+            "### Where each intervention moves the activations (`python -m saemnesia drift`)\nSteering scales a "
+            "latent and can push the block's tokens outside anything the UNet saw it produce; replacement copies "
+            "tokens the block produced itself (PER, Figure 2).\n\n" + drift.read_text()
+        )
+        gr.Image(str(drift.with_suffix(".png")), label="Token norms and per-channel values", show_label=True)
     if "quality" in results:
         quality = results["quality"]
         gr.Markdown(
@@ -530,25 +624,103 @@ def attack_section(studio: Studio, results: dict) -> None:
     show.click(show_attack, [concept, method, seed_index], [prompt, images], api_name="attack_images")
 
 
+ZERO_GPU_EVENTS = ("erase", "neighbours", "quick_check", "attack_images")
+"""The events that generate images: on ZeroGPU each runs under `spaces.GPU`, the rest on the CPU."""
+ZERO_GPU_START_SECONDS = 15
+"""A ZeroGPU call's cost before its first step (its worker's start, the model's move to the GPU): an estimate."""
+ZERO_GPU_SECONDS_PER_IMAGE_STEP = 0.05
+"""One 512-pixel SD-1.x image through one guided sampler step on ZeroGPU (a slice of an H200): 2.5 times the
+0.019 s measured on a whole H100 (README, "On a GPU"), an estimate until measured there; smaller worlds are faster."""
+
+
+def on_zero_gpu() -> bool:
+    """Whether the app runs on ZeroGPU, where a GPU is lent per decorated call and never held."""
+    return spaces is not None and spaces.config.Config.zero_gpu
+
+
+def gpu_image_steps(world, api_name: str, arguments: dict) -> int:
+    """Images times sampler steps an event's request makes, at most: its GPU work. A setting that does not read
+    (the Studio will refuse it) counts as the most the Studio allows, so no request is cut short."""
+    most = LIMITS["steps"][1]
+
+    def steps(value: object) -> int:
+        value = whole_as_int(value)
+        valid = isinstance(value, int) and not isinstance(value, bool) and 0 < value <= most
+        return value if valid else most
+
+    if api_name == "erase":
+        method = arguments.get("method")
+        methods = len(METHOD_CHOICES.get(method, METHOD_CHOICES["Both"])) if isinstance(method, str) else 2
+        return 2 * methods * steps(arguments.get("steps"))
+    if api_name == "neighbours":  # the last pair's erasure on three neighbour prompts, erased images only
+        try:
+            return 3 * steps(arguments["state"]["request"][3][2])
+        except (KeyError, IndexError, TypeError):
+            return 3 * most
+    if api_name == "quick_check":  # per seed, eight prompts' originals and erased copies
+        seeds = whole_as_int(arguments.get("seeds"))
+        return 16 * (seeds if isinstance(seeds, int) and 0 < seeds <= 8 else 8) * world.steps
+    return 4 * world.steps  # attack_images: two prompts' pairs
+
+
+def gpu_seconds(world, api_name: str, signature: inspect.Signature, *args, **kwargs) -> int:
+    """ZeroGPU's `duration` for one request of an event: what its images cost, plus the call's start."""
+    try:
+        arguments = signature.bind_partial(*args, **kwargs).arguments
+    except TypeError:
+        arguments = {}
+    work = ZERO_GPU_SECONDS_PER_IMAGE_STEP * gpu_image_steps(world, api_name, arguments)
+    return math.ceil(ZERO_GPU_START_SECONDS + work)
+
+
+def run_on_zero_gpu(app: gr.Blocks, world) -> None:
+    """Wrap each generating event's function in `spaces.GPU`, asking for as long as its request needs. Off
+    ZeroGPU `spaces.GPU` returns the function as it is, and without `spaces` nothing is wrapped."""
+    if spaces is None:
+        return
+    for block_fn in app.fns.values():
+        if block_fn.api_name in ZERO_GPU_EVENTS:
+            duration = partial(gpu_seconds, world, block_fn.api_name, inspect.signature(block_fn.fn))
+            block_fn.fn = spaces.GPU(block_fn.fn, duration=duration)
+
+
 def main(argv: list[str] | None = None) -> None:
+    """Serve the app. On a Space, where `python app.py` takes no arguments, the SAEMNESIA_* variables choose."""
     parser = argparse.ArgumentParser(description="SAEmnesia Studio")
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
-    parser.add_argument("--world", choices=sorted(WORLDS), default="minicanvas")
-    parser.add_argument("--model", help="diffusers folder or hub id (default: the world's)")
-    parser.add_argument("--assets", help="folder of SAEs, statistics and results (default: the world's)")
+    parser.add_argument("--world", choices=sorted(WORLDS), default=os.environ.get("SAEMNESIA_WORLD", "minicanvas"))
+    parser.add_argument(
+        "--model", default=os.environ.get("SAEMNESIA_MODEL"), help="diffusers folder or hub id (default: the world's)"
+    )
+    parser.add_argument(
+        "--assets",
+        default=os.environ.get("SAEMNESIA_ASSETS"),
+        help="folder of SAEs, statistics and results, or a hub repository holding a prepared one (default: world's)",
+    )
     parser.add_argument("--device", help="cpu, cuda, … (default: CUDA if present)")
     args = parser.parse_args(argv)
-    world = WORLDS[args.world]
+    if args.world not in WORLDS:
+        parser.error(f"SAEMNESIA_WORLD must be one of {', '.join(sorted(WORLDS))}, got {args.world!r}.")
+    world = WORLDS[args.world].on_model(args.model) if args.model else WORLDS[args.world]
     if args.assets:
-        world = replace(world, assets=Path(args.assets))
-    studio = Studio.load(world, device=args.device, model=args.model)
+        world = replace(world, assets=assets_folder(args.assets))
+    if world.published_saes and not is_prepared(world.assets):
+        if on_zero_gpu():
+            raise SystemExit(
+                f"The {world.name} world is not prepared in {world.assets}, and ZeroGPU lends a GPU per request only: "
+                "prepare it on a GPU machine (`python -m saemnesia prepare`), upload the folder to a hub repository "
+                "and give that as SAEMNESIA_ASSETS (docs/space.md)."
+            )
+        prepare(world, device=args.device)
+    studio = Studio.load(world, device=args.device)
     classifier = None
     if world.assets is not None and (world.assets / "classifier").is_dir():
         from saemnesia.minicanvas.classifier import load_classifier
 
         classifier = load_classifier(world.assets / "classifier")
     app = build_app(studio, classifier)
+    run_on_zero_gpu(app, world)
     app.queue(default_concurrency_limit=1, max_size=32)
     app.launch(server_name=args.host, server_port=args.port, theme=gr.themes.Soft(), show_error=True)
 

@@ -120,6 +120,8 @@ class Subject:
     height: int
     width: int
     sae_source: str
+    replace_hook: SaeHook | None = None
+    """The same SAE and concept with the `replace` intervention (PER)."""
     judged: bool = True
     """Whether the targets apply: not to the narrow `quick` stand-in of SD, whose shares are not SD's."""
 
@@ -215,9 +217,10 @@ def subject_for(
     """Erase the world's first object from a prompt of it, with the bundle's SAE."""
     concept = world.objects[0]
     erasure = saemnesia_erasure(bundle.stats, bundle.dictionary, [concept], STRENGTH)
+    replacement = saemnesia_erasure(bundle.stats, bundle.dictionary, [concept], STRENGTH, intervention="replace")
     prompt = world.prompt(concept, world.styles[0] if world.styles else "photo")
-    hook = SaeHook(bundle.block, bundle.sae, erasure)
-    return Subject(name, pipeline, hook, prompt, steps, world.guidance, height, width, source)
+    hook, replace_hook = SaeHook(bundle.block, bundle.sae, erasure), SaeHook(bundle.block, bundle.sae, replacement)
+    return Subject(name, pipeline, hook, prompt, steps, world.guidance, height, width, source, replace_hook)
 
 
 def minicanvas_pipeline(device: str) -> StableDiffusionPipeline:
@@ -263,6 +266,7 @@ def pair_rows(subject: Subject, repeats: int, device: torch.device) -> list[Row]
         {
             "plain pair": lambda: pipeline(prompt=[prompt, prompt], latents=noise.repeat(2, 1, 1, 1), **sampling),
             "hooked pair": lambda: generate_pairs(pipeline, [prompt], [subject.hook], **generation),
+            "replace pair": lambda: generate_pairs(pipeline, [prompt], [subject.replace_hook], **generation),
             "plain single": lambda: pipeline(prompt=prompt, latents=noise, **sampling),
             "hooked single": lambda: generate_pairs(
                 pipeline, [prompt], [subject.hook], include_originals=False, **generation
@@ -292,6 +296,15 @@ def pair_rows(subject: Subject, repeats: int, device: torch.device) -> list[Row]
             times["hooked pair"],
             median_ratio(times["hooked pair"], reference),
         ),
+        Row(
+            section,
+            "hooked pair, replace (PER) / plain diffusers pair",
+            "s",
+            times["replace pair"],
+            median_ratio(times["replace pair"], times["plain pair"]),
+            PAIR_TARGET if subject.judged else None,
+            "the same erasure replacing the detected tokens instead of steering",
+        ),
     ]
 
 
@@ -315,7 +328,12 @@ def sae_share_rows(subject: Subject, repeats: int, device: torch.device) -> list
             unet_call()
         block_output = recorder.outputs[0]
         edit = _block_edit(hook, images, originals, timesteps, [])
-        times = time_in_turn({"unet": unet_call, "edit": lambda: edit(block_output, 0)}, repeats, device)
+        replace = _block_edit(subject.replace_hook, images, originals, timesteps, [])
+        times = time_in_turn(
+            {"unet": unet_call, "edit": lambda: edit(block_output, 0), "replace": lambda: replace(block_output, 0)},
+            repeats,
+            device,
+        )
         unet_macs, edit_macs = multiply_adds(unet_call), multiply_adds(lambda: edit(block_output, 0))
         # The encoder's matmul alone, each right after a UNet call as in inference: how much of the
         # share is the arithmetic the floor counts, and how much the per-call work around it.
@@ -337,6 +355,15 @@ def sae_share_rows(subject: Subject, repeats: int, device: torch.device) -> list
         f"edit MACs {edit_macs / encoder_macs:.4f}x the encoder's; "
         f"SAE {hook.sae.d_in} -> {hook.sae.num_latents}, k {hook.sae.cfg.k}, {erased_tokens} tokens edited"
     )
+    # Replace reads only the concept's latents: its floor is their dot products with the erased tokens.
+    detected_latents = len(subject.replace_hook.erasure.steps[0].latents)
+    replace_floor = erased_tokens * hook.sae.d_in * detected_latents / unet_macs
+    replace_share = median_ratio(times["replace"], times["unet"])
+    replace_note = (
+        f"share {replace_share:.2%} of the call, floor {replace_floor:.4%} ({detected_latents} latent(s) x "
+        f"{erased_tokens} tokens x {hook.sae.d_in}); steer's share {share:.2%}: replace / steer "
+        f"{replace_share / share:.2f}"
+    )
     return [
         Row(subject.name, f"UNet call (batch {rows})", "s", times["unet"]),
         Row(
@@ -347,6 +374,15 @@ def sae_share_rows(subject: Subject, repeats: int, device: torch.device) -> list
             share / floor,
             SHARE_TARGET if subject.judged else None,
             note,
+        ),
+        Row(
+            subject.name,
+            "replace (PER) per UNet call: share / its floor",
+            "s",
+            times["replace"],
+            replace_share / replace_floor,
+            None,
+            replace_note,
         ),
     ]
 

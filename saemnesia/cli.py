@@ -38,6 +38,87 @@ def _train_classifier(args: argparse.Namespace) -> None:
     )
 
 
+def _train_artifact_detector(args: argparse.Namespace) -> None:
+    from saemnesia.minicanvas.artifacts import FLOOR_SEEDS, train_artifact_detector
+    from saemnesia.studio import Studio
+    from saemnesia.worlds import WORLDS
+
+    floor_seeds = FLOOR_SEEDS if args.floor_seeds is None else args.floor_seeds
+    needs_model = args.generated_seeds > 0 or len(floor_seeds) > 0
+    studio = Studio.load(WORLDS["minicanvas"], device=args.device, model=args.model) if needs_model else None
+    train_artifact_detector(
+        Path(args.out),
+        steps=args.steps,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        device=args.device,
+        learning_rate=args.learning_rate,
+        eval_images=args.eval_images,
+        studio=studio,
+        generated_seeds=args.generated_seeds,
+        floor_seeds=floor_seeds,
+    )
+
+
+def _artifact_grid(args: argparse.Namespace) -> None:
+    import json
+
+    from PIL import Image, UnidentifiedImageError
+
+    from saemnesia.minicanvas.artifacts import (
+        ARTIFACT_THRESHOLD,
+        FLOOR_SEEDS,
+        ArtifactDetector,
+        GridEntry,
+        artifact_probabilities,
+        held_out_sets,
+        rate_summary,
+        save_verdict_grid,
+        tensor_to_pil,
+        untouched_generations,
+    )
+    from saemnesia.studio import Studio
+    from saemnesia.worlds import MINICANVAS, WORLDS, default_device
+
+    files = []
+    for path in args.images:
+        try:
+            with Image.open(path) as image:
+                files.append(image.convert("RGB"))
+        except (FileNotFoundError, UnidentifiedImageError, OSError) as error:
+            raise ValueError(f"Cannot read '{path}' as an image ({error}).") from error
+    folder = Path(args.detector) if args.detector else MINICANVAS.assets / "artifact-detector"
+    detector = ArtifactDetector.load(folder, device=args.device or default_device())
+    studio = Studio.load(WORLDS["minicanvas"], device=args.device, model=args.model)
+    generated, labels = untouched_generations(studio, args.seeds or FLOOR_SEEDS)
+    generated_probabilities = artifact_probabilities(detector, generated)
+    floor = rate_summary(generated_probabilities, labels)
+
+    clean, corrupted, names, _ = held_out_sets(args.drawings)
+    clean_probabilities = artifact_probabilities(detector, clean)
+    entries = [GridEntry(tensor_to_pil(image), p, "drawn") for image, p in zip(clean, clean_probabilities)]
+    entries += [
+        GridEntry(tensor_to_pil(image), p, name)
+        for image, p, name in zip(corrupted, artifact_probabilities(detector, corrupted), names)
+    ]
+    # Every generation called an artifact, and the diagonal (object i, style i) of each seed's clean ones.
+    entries += [
+        GridEntry(image, p, "model")
+        for index, (image, p) in enumerate(zip(generated, generated_probabilities))
+        if p >= ARTIFACT_THRESHOLD or index % 10 == index // 10 % 10
+    ]
+    file_probabilities = artifact_probabilities(detector, files) if files else []
+    entries += [
+        GridEntry(image, p, Path(path).stem[:8]) for image, p, path in zip(files, file_probabilities, args.images)
+    ]
+    out = Path(args.out) if args.out else folder / "validation-grid.png"
+    save_verdict_grid(entries, out)
+    for path, probability in zip(args.images, file_probabilities):
+        print(json.dumps({"path": path, "artifact_probability": round(probability, 4)}))
+    floor["seeds"] = list(args.seeds or FLOOR_SEEDS)
+    print(json.dumps({"untouched_floor": floor, "grid": str(out)}, indent=1))
+
+
 def _classify(args: argparse.Namespace) -> None:
     import json
 
@@ -118,7 +199,7 @@ def _generate(args: argparse.Namespace) -> None:
     from saemnesia.evaluate import benchmark_results, setting_or_default
 
     studio = _load_studio(args)
-    tuned = setting_or_default(benchmark_results(studio.world), args.method, args.erase)
+    tuned = setting_or_default(benchmark_results(studio.world), args.method, args.erase, args.intervention)
     result = studio.erase(
         [args.prompt],
         args.erase,
@@ -129,6 +210,7 @@ def _generate(args: argparse.Namespace) -> None:
         guidance=args.guidance,
         start_step=args.start_step,
         features_per_step=tuned.features_per_step if args.features_per_step is None else args.features_per_step,
+        intervention=args.intervention,
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -374,13 +456,64 @@ def _evaluate(args: argparse.Namespace) -> None:
         protocol = dataclasses.replace(protocol, name=f"{protocol.name}-ties-to-{args.ties}", ties=args.ties)
     if args.extra_object_block:
         protocol = dataclasses.replace(protocol, name=f"{protocol.name}-plus-{'-'.join(args.extra_object_block)}")
+    if tuple(args.interventions) != protocol.interventions:
+        protocol = dataclasses.replace(
+            protocol, name=f"{protocol.name}-{'-'.join(args.interventions)}", interventions=tuple(args.interventions)
+        )
     studio = _load_studio(args)
     classifier = load_classifier(args.classifier or studio.world.assets / "classifier", device=studio.pipeline.device)
     if NO_OBJECT in classifier.config.objects:  # another instrument: its results sit beside the standard ones
         protocol = dataclasses.replace(protocol, name=f"{protocol.name}-no-object-class")
-    results = evaluate(studio, classifier, protocol, cache=Path(args.cache))
+    detector = None if args.no_artifacts else _artifact_detector(args, studio)
+    results = evaluate(studio, classifier, protocol, cache=Path(args.cache), artifact_detector=detector)
     paths = write_results(results, Path(args.out))
     print(results_table(results))
+    print("\n".join(f"{name}: {path}" for name, path in paths.items()))
+
+
+def _artifact_detector(args: argparse.Namespace, studio):
+    """The artifact detector `--artifact-detector` names, else the world's; None if the world ships none."""
+    from saemnesia.minicanvas.artifacts import ArtifactDetector
+
+    folder = Path(args.artifact_detector) if args.artifact_detector else studio.world.assets / "artifact-detector"
+    if not args.artifact_detector and not folder.is_dir():
+        logging.warning("No artifact detector in %s: results without AR.", folder)
+        return None
+    return ArtifactDetector.load(folder, device=studio.pipeline.device)
+
+
+def _drift(args: argparse.Namespace) -> None:
+    from saemnesia.drift import activation_drift, drift_table, write_drift
+
+    _check_evaluation_file(args)
+    studio = _load_studio(args)
+    out = Path(args.out)
+    drift = activation_drift(
+        studio,
+        _evaluation_results(args, studio),
+        kind=args.kind,
+        seeds=args.seeds,
+        prompts_per_concept=args.prompts,
+        plot=out / "drift.png",
+    )
+    paths = write_drift(drift, out)
+    print(drift_table(drift))
+    print("\n".join(f"{name}: {path}" for name, path in {**paths, "plot": out / "drift.png"}.items()))
+
+
+def _compare_replacements(args: argparse.Namespace) -> None:
+    from saemnesia.minicanvas.classifier import load_classifier
+    from saemnesia.replace_rules import RULES, compare_replace_rules, rules_table, write_comparison
+
+    unknown = sorted(set(args.rules or ()) - set(RULES))
+    if unknown:
+        raise SystemExit(f"Unknown rule(s) {unknown}; the rules are: {'; '.join(RULES)}.")
+    studio = _load_studio(args)
+    classifier = load_classifier(args.classifier or studio.world.assets / "classifier", device=studio.pipeline.device)
+    rules = {name: RULES[name] for name in args.rules} if args.rules else RULES
+    comparison = compare_replace_rules(studio, classifier, rules, args.method, args.kind)
+    paths = write_comparison(comparison, Path(args.out))
+    print(rules_table(comparison))
     print("\n".join(f"{name}: {path}" for name, path in paths.items()))
 
 
@@ -493,6 +626,31 @@ def _gpu_smoke(args: argparse.Namespace) -> None:
     print(json.dumps({key: value for key, value in report.items() if key != "all_seconds"}, indent=1))
 
 
+def _prepare(args: argparse.Namespace) -> None:
+    from saemnesia.prepare import prepare
+    from saemnesia.worlds import WORLDS
+
+    overrides = {}
+    for given in args.sae_source or []:
+        variant, separator, source = given.partition("=")
+        if not separator or not source:
+            raise ValueError(f"--sae-source must be VARIANT=SOURCE (e.g. unsupervised=my/saes), got {given!r}.")
+        overrides[variant] = source
+    world = WORLDS[args.world]
+    world = world.on_model(args.model) if args.model else world
+    out = prepare(
+        world,
+        args.out,
+        overrides,
+        seeds_per_prompt=args.seeds_per_prompt,
+        steps=args.steps,
+        images_per_shard=args.images_per_shard,
+        device=args.device,
+        keep_activations=args.keep_activations,
+    )
+    print(out)
+
+
 def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--world", choices=["minicanvas", "sd"], default="minicanvas")
     parser.add_argument("--kind", choices=["object", "style"], default="object", help="the world's hook point for it")
@@ -535,6 +693,42 @@ def build_parser() -> argparse.ArgumentParser:
     train_classifier.add_argument("--device", default="cpu")
     train_classifier.set_defaults(run=_train_classifier)
 
+    train_artifacts = commands.add_parser(
+        "train-artifact-detector",
+        help="train the MiniCanvas artifact detector: clean images vs generically corrupted ones (~15 CPU minutes)",
+    )
+    train_artifacts.add_argument("--out", default="assets/minicanvas/artifact-detector")
+    train_artifacts.add_argument("--steps", type=int, default=800)
+    train_artifacts.add_argument("--batch-size", type=int, default=64)
+    train_artifacts.add_argument("--learning-rate", type=float, default=3e-3)
+    train_artifacts.add_argument("--eval-images", type=int, default=1100, help="held-out drawings to measure on")
+    train_artifacts.add_argument("--seed", type=int, default=0)
+    train_artifacts.add_argument(
+        "--generated-seeds",
+        type=int,
+        default=6,
+        help="seeds from 80000 whose untouched generations (every object x style) join the clean images (0: none)",
+    )
+    train_artifacts.add_argument(
+        "--floor-seeds", type=int, nargs="*", help="seeds of the untouched floor (default 90000-90002; none: skip)"
+    )
+    train_artifacts.add_argument("--model", help="diffusers folder (default: MiniCanvas's model)")
+    train_artifacts.add_argument("--device", default="cpu")
+    train_artifacts.set_defaults(run=_train_artifact_detector)
+
+    artifact_grid = commands.add_parser(
+        "artifact-grid",
+        help="the untouched model's artifact rate (floor) and a PNG of what the detector calls artifact and clean",
+    )
+    artifact_grid.add_argument("images", nargs="*", metavar="IMAGE", help="more images to score and show (any size)")
+    artifact_grid.add_argument("--detector", help="detector folder (default: assets/minicanvas/artifact-detector)")
+    artifact_grid.add_argument("--out", help="grid PNG (default: validation-grid.png in the detector folder)")
+    artifact_grid.add_argument("--seeds", type=int, nargs="+", help="floor seeds (default 90000-90002)")
+    artifact_grid.add_argument("--drawings", type=int, default=50, help="held-out drawings, clean and corrupted")
+    artifact_grid.add_argument("--model", help="diffusers folder (default: MiniCanvas's model)")
+    artifact_grid.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA if present)")
+    artifact_grid.set_defaults(run=_artifact_grid)
+
     classify = commands.add_parser("classify", help="object and style of MiniCanvas images, one JSON line each")
     classify.add_argument("images", nargs="+", metavar="IMAGE", help="any size; resized to 32 x 32")
     classify.add_argument("--classifier", help="classifier folder (default: assets/minicanvas/classifier)")
@@ -559,6 +753,12 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--prompt", required=True)
     generate.add_argument("--erase", action="append", default=[], metavar="CONCEPT", help="repeat for several")
     generate.add_argument("--method", choices=["saemnesia", "saeuron"], default="saemnesia")
+    generate.add_argument(
+        "--intervention",
+        choices=["steer", "replace"],
+        default="replace",
+        help="steer the concept's latents, or replace the tokens they detect (PER; the strength then plays no part)",
+    )
     generate.add_argument(
         "--strength",
         type=float,
@@ -631,6 +831,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="published SAE to copy into --sae first: hub id or folder (bcywinski/SAeUron, leno3003/SAEmnesia)",
     )
     stats.set_defaults(run=_stats)
+
+    prepare = commands.add_parser(
+        "prepare", help="the SD world in one command: model and published SAEs fetched, statistics taken (resumable)"
+    )
+    prepare.add_argument("--world", choices=["sd"], default="sd")
+    prepare.add_argument("--model", help="diffusers folder, hub id, sd14 or sd15 (default: the world's)")
+    prepare.add_argument(
+        "--sae-source",
+        action="append",
+        metavar="VARIANT=SOURCE",
+        help="another hub id or folder for a variant's SAEs (default: unsupervised=bcywinski/SAeUron, "
+        "supervised=leno3003/SAEmnesia); repeat for both",
+    )
+    prepare.add_argument("--out", help="prepared folder (default: $SAEMNESIA_CACHE/<world>/<model>, as the app reads)")
+    prepare.add_argument("--steps", type=int, default=10, help="sampler steps of the collection (default 10)")
+    prepare.add_argument("--seeds-per-prompt", type=int, default=1)
+    prepare.add_argument("--images-per-shard", type=int, default=8, help="images per pipeline call and shard")
+    prepare.add_argument("--keep-activations", action="store_true", help="keep the collection (13 GB for SD)")
+    prepare.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA if present)")
+    prepare.set_defaults(run=_prepare)
 
     finetune = commands.add_parser("finetune", help="SAEmnesia: bind each concept to its dictionary latent")
     _add_training_arguments(finetune)
@@ -707,7 +927,41 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         help="erase objects at this block too, with its SAEs in assets (train-sae --block); repeat for several",
     )
+    evaluate.add_argument(
+        "--interventions",
+        nargs="+",
+        choices=["steer", "replace"],
+        default=["steer", "replace"],
+        help="measure each method steering its latents, replacing the tokens they detect (PER), or both (default)",
+    )
+    evaluate.add_argument(
+        "--artifact-detector", help="folder of the detector that gives AR (default: the world's artifact-detector)"
+    )
+    evaluate.add_argument("--no-artifacts", action="store_true", help="judge no image for artifacts (no AR)")
     evaluate.set_defaults(run=_evaluate)
+
+    drift = commands.add_parser(
+        "drift", help="how far steer and replace move the hooked block's tokens from the untouched range (PER, Fig. 2)"
+    )
+    _add_world_arguments(drift)
+    drift.add_argument("--kind", choices=["object", "style"], default="object")
+    drift.add_argument("--seeds", type=int, nargs="+", default=[60_000])
+    drift.add_argument("--prompts", type=int, default=10, help="prompts naming each erased concept")
+    drift.add_argument(
+        "--evaluation", help="`evaluate` results whose tuned settings to use (default: the world's, full run first)"
+    )
+    drift.add_argument("--out", default="assets/minicanvas/results", help="folder for drift.json, drift.md, drift.png")
+    drift.set_defaults(run=_drift)
+
+    rules = commands.add_parser(
+        "compare-replacements", help="the replace rules PER leaves open, side by side on the tuning seed (UA/IRA/CRA)"
+    )
+    _add_classifier_world_arguments(rules)
+    rules.add_argument("--method", choices=["saemnesia", "saeuron"], default="saemnesia")
+    rules.add_argument("--kind", choices=["object", "style"], default="object")
+    rules.add_argument("--rules", nargs="+", metavar="NAME", help="default: every rule of `replace_rules.RULES`")
+    rules.add_argument("--out", default="assets/minicanvas/results", help="folder for replace-rules.json and .md")
+    rules.set_defaults(run=_compare_replacements)
 
     nudity_concept = commands.add_parser(
         "nudity-concept", help="a `nudity` concept for an object SAE: its statistics on nudity against other prompts"

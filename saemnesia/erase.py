@@ -15,7 +15,8 @@ Two interventions share those latents and thresholds (`INTERVENTIONS`):
 - `replace`, patch replacement (PER): the SAE only *detects* the concept's tokens, those where one of its
   latents has a pre-activation above its mean on the other concepts, and each detected token's block
   output is overwritten with the raw output at the nearest undetected token of the same feature map (same
-  image, same guidance half). Nothing is scaled, so the strength plays no part. See `replacement_sources`.
+  image, same guidance half). Nothing is scaled, so the strength plays no part. `ReplaceRule` holds the
+  choices PER leaves open, two of them ours; docs/per.md has the measurements that chose them.
 """
 
 from __future__ import annotations
@@ -31,6 +32,39 @@ from saemnesia.sae import EncoderOutput, Sae
 
 METHODS = ("saemnesia", "saeuron")
 INTERVENTIONS = ("steer", "replace")
+FALLBACKS = ("none", "unconditional")
+SOURCES = ("nearest", "mean")
+
+
+@dataclass(frozen=True)
+class ReplaceRule:
+    """What `replace` overwrites and with what. The defaults were measured best on the tuning seed
+    (`python -m saemnesia compare-replacements`, docs/per.md); the rest stay so that anyone can measure again."""
+
+    sticky: bool = True
+    """Ours: a token detected at one step stays detected for the rest of the generation. On a 4 x 4 block
+    the detection flickers, and a token let go returns the concept to the next steps."""
+    fallback: str = "unconditional"
+    """A map whose every token is detected has nothing of its own to sample from. `none` leaves it as it is
+    (PER gives no rule); `unconditional` (ours) gives the conditional map the unconditional half's tokens at
+    the same places: what the block made of the same image without the prompt, in distribution too."""
+    dilate: bool = False
+    """Grow the mask by one token (its 8 neighbours) before replacing."""
+    source: str = "nearest"
+    """`nearest`: each detected token takes the nearest undetected one (ties to the first, row-major);
+    `mean`: the mean of all undetected tokens of the map."""
+
+    def __post_init__(self) -> None:
+        if self.fallback not in FALLBACKS:
+            raise ValueError(f"fallback must be one of {', '.join(FALLBACKS)}, got {self.fallback!r}.")
+        if self.source not in SOURCES:
+            raise ValueError(f"source must be one of {', '.join(SOURCES)}, got {self.source!r}.")
+
+
+PER_RULE = ReplaceRule()
+"""The rule `replace` uses unless told otherwise."""
+
+
 STRENGTH_RANGE = (-1000.0, 0.0)
 """Down to the benchmark's strongest object strength: unsupervised latents, whose mean activation is
 small, need -100 to -1000 to erase an object (`evaluate.OBJECT_STRENGTHS`)."""
@@ -62,6 +96,8 @@ class Erasure:
     start_step: int = 0
     intervention: str = "steer"
     """`steer` the latents, or `replace` the tokens they detect (`INTERVENTIONS`)."""
+    replace_rule: ReplaceRule = PER_RULE
+    """How `replace` works; steer ignores it."""
 
     def at(self, step: int, timestep: float) -> StepEdit | None:
         """The edit for sampler step `step` at `timestep`, or None before the start step."""
@@ -106,6 +142,7 @@ def saemnesia_erasure(
     strength: float,
     start_step: int = 0,
     intervention: str = "steer",
+    replace_rule: ReplaceRule = PER_RULE,
 ) -> Erasure:
     """SAEmnesia: each concept's own dictionary latent, at every step."""
     strength = check_strength(strength)
@@ -120,7 +157,9 @@ def saemnesia_erasure(
             c, latent = stats.index(concept), torch.tensor([latent_of[concept]])
             parts.append((latent, strength * stats.mean_acts[c, step, latent], others[c, step, latent]))
         steps.append(_merge(parts))
-    return Erasure(tuple(concepts), "saemnesia", strength, tuple(steps), stats.timesteps, start_step, intervention)
+    return Erasure(
+        tuple(concepts), "saemnesia", strength, tuple(steps), stats.timesteps, start_step, intervention, replace_rule
+    )
 
 
 def saeuron_erasure(
@@ -130,6 +169,7 @@ def saeuron_erasure(
     features_per_step: int = 1,
     start_step: int = 0,
     intervention: str = "steer",
+    replace_rule: ReplaceRule = PER_RULE,
 ) -> Erasure:
     """SAeUron: at every step, the concept's `features_per_step` highest-scoring latents."""
     strength = check_strength(strength)
@@ -146,7 +186,9 @@ def saeuron_erasure(
             latents = torch.topk(scores[c, step], features_per_step).indices
             parts.append((latents, strength * stats.mean_acts[c, step, latents], others[c, step, latents]))
         steps.append(_merge(parts))
-    return Erasure(tuple(concepts), "saeuron", strength, tuple(steps), stats.timesteps, start_step, intervention)
+    return Erasure(
+        tuple(concepts), "saeuron", strength, tuple(steps), stats.timesteps, start_step, intervention, replace_rule
+    )
 
 
 @dataclass(frozen=True)
@@ -277,9 +319,26 @@ def replacement_sources(detected: Tensor, distances: Tensor) -> Tensor:
     return torch.where(detected, nearest, positions)
 
 
-def replace_tokens(maps: Tensor, sources: Tensor, fallback: Tensor | None = None) -> Tensor:
-    """`maps` `[M, h*w, d]` with every token set to its source's value (`replacement_sources`);
-    where the source is -1 the token takes `fallback`'s value at the same place (or keeps its own)."""
-    taken = maps.gather(1, sources.clamp_min(0).unsqueeze(-1).expand_as(maps))
+def dilated(detected: Tensor, height: int, width: int) -> Tensor:
+    """[M, h*w] the mask grown by one token in every direction (diagonals included)."""
+    grid = detected.view(-1, 1, height, width).float()
+    return (torch.nn.functional.max_pool2d(grid, 3, stride=1, padding=1) > 0).view(detected.shape)
+
+
+def undetected_means(maps: Tensor, detected: Tensor) -> Tensor:
+    """[M, d] each map's mean over its undetected tokens (zero where every token is detected)."""
+    keep = (~detected).unsqueeze(-1).to(maps.dtype)
+    return (maps * keep).sum(1) / keep.sum(1).clamp_min(1)
+
+
+def replace_tokens(maps: Tensor, sources: Tensor, fallback: Tensor | None = None, source: str = "nearest") -> Tensor:
+    """`maps` `[M, h*w, d]` with every replaced token (`replacement_sources`) set to its source's value, or with
+    `source="mean"` to the mean of its map's undetected tokens; where the source is -1 (nothing undetected) the
+    token takes `fallback`'s value at the same place, or keeps its own."""
+    replaced = sources != torch.arange(sources.shape[-1], device=sources.device)
+    if source == "mean":
+        taken = torch.where(replaced.unsqueeze(-1), undetected_means(maps, replaced).unsqueeze(1), maps)
+    else:
+        taken = maps.gather(1, sources.clamp_min(0).unsqueeze(-1).expand_as(maps))
     stranded = (sources < 0).unsqueeze(-1)
     return torch.where(stranded, maps if fallback is None else fallback, taken)

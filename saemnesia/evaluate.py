@@ -520,7 +520,7 @@ class _Plan:
     images: int
 
 
-def _erasure_prompts(world: World, concept: str, concept_count: int, other_count: int) -> list[PromptSpec]:
+def erasure_prompts(world: World, concept: str, concept_count: int, other_count: int) -> list[PromptSpec]:
     """Prompts naming `concept` (for UA), then prompts naming the other concepts of its kind (for IRA)."""
     others = [c for c in (world.objects if world.kind_of(concept) == "object" else world.styles) if c != concept]
     return balanced_prompts(world, [concept], concept_count) + balanced_prompts(world, others, other_count)
@@ -531,10 +531,10 @@ def _plan(world: World, protocol: Protocol) -> _Plan:
     styles = list(world.styles[: protocol.styles_erased])
     tuning, heldout = {}, {}
     for concept in objects + styles:
-        tuning[concept] = _erasure_prompts(
+        tuning[concept] = erasure_prompts(
             world, concept, protocol.tuning_concept_prompts, protocol.tuning_other_prompts
         )
-        heldout[concept] = _erasure_prompts(
+        heldout[concept] = erasure_prompts(
             world, concept, protocol.heldout_concept_prompts, protocol.heldout_other_prompts
         )
     steps = min(protocol.sequential_steps, len(objects), len(world.objects) - 1)
@@ -767,7 +767,7 @@ def live_check(
     """
     check_concepts([concept], list(studio.world.concepts))
     kind = studio.world.kind_of(concept)
-    specs = _erasure_prompts(studio.world, concept, prompts_per_group, prompts_per_group)
+    specs = erasure_prompts(studio.world, concept, prompts_per_group, prompts_per_group)
     erased, untouched = [], []
     for seed in range(seeds):
         if progress is not None:
@@ -1228,7 +1228,7 @@ def results_table(results: dict) -> str:
             paper = PAPER_TABLE.get(key, {}).get(kind)
             paper_cells = [*paper, sum(paper) / 3] if paper else [None] * 4
             paper_ar = PAPER_AR.get(key) if kind == "object" else None
-            ours = [summary[name] for name in (*TABLE1_METRICS, "mean", "ar", "cra_erased")]
+            ours = [summary.get(name) for name in (*TABLE1_METRICS, "mean", "ar", "cra_erased")]
             lines.append(
                 f"| {pipeline_label(key)} | {kind}s | " + " | ".join(map(_cell, [*ours, *paper_cells, paper_ar])) + " |"
             )

@@ -21,11 +21,14 @@ from PIL import Image
 from torch import Tensor
 
 from saemnesia.erase import (
+    PER_RULE,
     EditEncoder,
     Erasure,
     PreparedEdit,
+    ReplaceRule,
     apply_step_edit,
     detected_tokens,
+    dilated,
     grid_distances,
     rank_counted_changes,
     replace_tokens,
@@ -101,6 +104,9 @@ class PairResult:
     settings: dict
     traces: dict[str, Trace] = field(default_factory=dict, repr=False)
     """Recorded codes, by block."""
+    block_outputs: dict[str, Tensor] = field(default_factory=dict, repr=False)
+    """By block, for hooks that `keep_outputs`: `[steps, rows, channels, h, w]`, rows as the pipeline's batch
+    (with guidance the unconditional half first; in each half originals first, then erased copies)."""
 
 
 def sampler_timesteps(pipeline: StableDiffusionPipeline, steps: int) -> list[int]:
@@ -125,6 +131,9 @@ class SaeHook:
     sae: Sae
     erasure: Erasure | None = None
     record: bool = False
+    keep_outputs: bool = False
+    """Keep the block's output after the edit, every step, all rows (`PairResult.block_outputs`): to see
+    where the edit moves the activations (`drift`)."""
 
 
 def _block_edit(
@@ -140,6 +149,15 @@ def _block_edit(
     step_edits = [None if e is None else PreparedEdit.of(hook.sae, e) for e in step_edits]
     replacing = erasure is not None and erasure.intervention == "replace"
     encoder = EditEncoder.of(hook.sae) if erasure is not None and not replacing and not hook.record else None
+    detected_so_far: list[Tensor] = []  # the replace rule's sticky mask, this generation's
+
+    def replace(hidden: Tensor, step_edit: PreparedEdit) -> tuple[Tensor, Tensor]:
+        before = detected_so_far[-1] if detected_so_far and erasure.replace_rule.sticky else None
+        hidden, sources, detected = _replace_erased_rows(
+            hidden, batch, originals, step_edit, erasure.replace_rule, before
+        )
+        detected_so_far[:] = [detected]
+        return hidden, sources
 
     def edit(hidden: Tensor, step: int) -> Tensor:
         step_edit = step_edits[step]
@@ -147,7 +165,7 @@ def _block_edit(
             return hidden
         if not hook.record:
             if replacing:
-                return _replace_erased_rows(hidden, batch, originals, step_edit)[0]
+                return replace(hidden, step_edit)[0]
             return _edit_erased_rows(encoder, hidden, batch, originals, step_edit)
         rows, channels, h, w = hidden.shape
         tokens = hidden.permute(0, 2, 3, 1).reshape(rows, h * w, channels)
@@ -157,7 +175,7 @@ def _block_edit(
         positions = torch.arange(h * w, device=hidden.device)
         sources = positions.repeat(batch, 1)
         if step_edit is not None and replacing:
-            hidden, replaced = _replace_erased_rows(hidden, batch, originals, step_edit)
+            hidden, replaced = replace(hidden, step_edit)
             sources[originals:] = replaced[-1]
             edited[originals:] = replaced[-1] != positions
         elif step_edit is not None:
@@ -204,20 +222,38 @@ def _edit_erased_rows(
     return edited
 
 
-def _replace_erased_rows(hidden: Tensor, batch: int, originals: int, step_edit: PreparedEdit) -> tuple[Tensor, Tensor]:
+def _replace_erased_rows(
+    hidden: Tensor,
+    batch: int,
+    originals: int,
+    step_edit: PreparedEdit,
+    rule: ReplaceRule = PER_RULE,
+    detected_before: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
     """The replace edit: in each erased row's feature map, each guidance half on its own, detected tokens
-    take the nearest undetected token's value (`replacement_sources`). Returns the new block output and
-    the sources `[halves, erased rows, h*w]`."""
+    (with `detected_before`, the sticky mask, added) take the value `rule` gives them (`replace_tokens`).
+
+    Returns the new block output, the sources `[halves, erased rows, h*w]` and the detection `[halves *
+    erased rows, h*w]`. With guidance and the `unconditional` fallback, a conditional map with nothing
+    undetected takes the unconditional map of the same image at the same places.
+    """
     channels, h, w = hidden.shape[1:]
     edited = hidden.clone()
     erased = _erased_view(edited, batch, originals)
+    halves, rows = erased.shape[:2]
     maps = erased.permute(0, 1, 3, 4, 2).reshape(-1, h * w, channels)  # [halves * erased rows, h*w, C]
     detected = detected_tokens(maps.reshape(-1, channels), step_edit).view(maps.shape[:2])
-    sources = replacement_sources(detected, grid_distances(h, w, hidden.device))
-    if detected.any():
-        replaced = replace_tokens(maps, sources)
-        erased.copy_(replaced.view(*erased.shape[:2], h, w, channels).permute(0, 1, 4, 2, 3))
-    return edited, sources.view(*erased.shape[:2], h * w)
+    if detected_before is not None:
+        detected |= detected_before
+    mask = dilated(detected, h, w) if rule.dilate else detected
+    sources = replacement_sources(mask, grid_distances(h, w, hidden.device))
+    if mask.any():
+        fallback = None
+        if rule.fallback == "unconditional" and halves == 2:
+            fallback = maps[:rows].repeat(2, 1, 1)  # the unconditional half's maps, for either half
+        replaced = replace_tokens(maps, sources, fallback, rule.source)
+        erased.copy_(replaced.view(halves, rows, h, w, channels).permute(0, 1, 4, 2, 3))
+    return edited, sources.view(halves, rows, h * w), detected
 
 
 @torch.no_grad()
@@ -251,12 +287,17 @@ def generate_pairs(
     batch = originals + count
     noise = initial_noise(pipeline, seed, height, width).repeat(batch, 1, 1, 1)
     with model_lock(pipeline), ExitStack() as stack:
-        for hook in hooks:
-            stack.enter_context(
+        block_hooks = {
+            hook.block: stack.enter_context(
                 hooked_block(
-                    pipeline.unet, hook.block, _block_edit(hook, batch, originals, timesteps, codes[hook.block])
+                    pipeline.unet,
+                    hook.block,
+                    _block_edit(hook, batch, originals, timesteps, codes[hook.block]),
+                    record=hook.keep_outputs,
                 )
             )
+            for hook in hooks
+        }
         images = pipeline(
             prompt=list(prompts) * (2 if include_originals else 1),
             latents=noise.to(pipeline.device, pipeline.unet.dtype),
@@ -273,6 +314,9 @@ def generate_pairs(
             side = int(round(acts.shape[2] ** 0.5))
             sources = None if sources[0] is None else torch.stack(sources)
             traces[block] = Trace(acts, indices, edited, side, acts.shape[2] // side, timesteps, sources)
+    block_outputs = {
+        hook.block: torch.stack(block_hooks[hook.block].outputs).cpu() for hook in hooks if hook.keep_outputs
+    }
     settings = {
         "prompts": list(prompts),
         "seed": seed,
@@ -287,4 +331,4 @@ def generate_pairs(
             for hook in hooks if hook.erasure is not None
         ],
     }  # fmt: skip
-    return PairResult(images[:originals], images[originals:], list(prompts), settings, traces)
+    return PairResult(images[:originals], images[originals:], list(prompts), settings, traces, block_outputs)

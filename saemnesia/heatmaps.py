@@ -7,7 +7,7 @@ looks weaker, unlike per-map min-max normalisation which would stretch it back t
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 from torch import Tensor
 
 
@@ -40,3 +40,37 @@ def mask_overlay(image: Image.Image, mask: Tensor | np.ndarray, size: int = 256,
     tint = Image.new("RGB", (size, size), color)
     base = upscale(image.convert("RGB"), size)
     return Image.composite(Image.blend(base, tint, 0.55), base, mask_image)
+
+
+def source_arrows(
+    image: Image.Image, sources: Tensor | np.ndarray, size: int = 256, color=(255, 0, 255)
+) -> Image.Image:
+    """`mask_overlay` of the replaced tokens, with an arrow from each one's source token (`replace`): where
+    the value it now holds came from. `sources` `[h, w]` holds token indices, row-major; a token that kept
+    its own value is left clear, and one whose map had nothing undetected (-1) is crossed out: it took the
+    unconditional half's token at its place (the `unconditional` fallback) or kept its own."""
+    sources = np.asarray(sources)
+    height, width = sources.shape
+    own = np.arange(height * width).reshape(height, width)
+    canvas = mask_overlay(image, sources != own, size, color)
+    draw = ImageDraw.Draw(canvas)
+    cell_w, cell_h = size / width, size / height
+
+    def centre(index: int) -> tuple[float, float]:
+        row, column = divmod(int(index), width)
+        return (column + 0.5) * cell_w, (row + 0.5) * cell_h
+
+    for target, source in enumerate(sources.flatten()):
+        if source == target:
+            continue
+        x, y = centre(target)
+        if source < 0:
+            r = min(cell_w, cell_h) / 4
+            draw.line([(x - r, y - r), (x + r, y + r)], fill="white", width=3)
+            draw.line([(x - r, y + r), (x + r, y - r)], fill="white", width=3)
+            continue
+        start = centre(source)
+        draw.line([start, (x, y)], fill="white", width=3)
+        draw.ellipse([x - 5, y - 5, x + 5, y + 5], fill="white")
+        draw.ellipse([start[0] - 3, start[1] - 3, start[0] + 3, start[1] + 3], outline="white", width=2)
+    return canvas

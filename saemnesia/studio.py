@@ -15,7 +15,15 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from saemnesia.concepts import ConceptDictionary, ConceptStats, check_concepts
-from saemnesia.erase import INTERVENTIONS, METHODS, check_strength, saemnesia_erasure, saeuron_erasure
+from saemnesia.erase import (
+    INTERVENTIONS,
+    METHODS,
+    PER_RULE,
+    ReplaceRule,
+    check_strength,
+    saemnesia_erasure,
+    saeuron_erasure,
+)
 from saemnesia.generate import PairResult, SaeHook, check_sae_fits, generate_pairs
 from saemnesia.sae import Sae
 from saemnesia.worlds import World, load_pipeline
@@ -163,6 +171,7 @@ class Studio:
         features_per_step: int = 1,
         record: bool = False,
         intervention: str = "steer",
+        replace_rule: ReplaceRule = PER_RULE,
     ) -> list[SaeHook]:
         """The SAE hooks that erase `concepts` (objects at the object block, styles at the style block, and
         each kind at its extra blocks), by steering their latents or replacing the tokens they detect."""
@@ -186,9 +195,13 @@ class Studio:
             for each in (bundle, *self.extra_bundles.get((method, kind), ())):
                 erasure = None
                 if chosen and method == "saemnesia":
-                    erasure = saemnesia_erasure(each.stats, each.dictionary, chosen, strength, start_step, intervention)
+                    erasure = saemnesia_erasure(
+                        each.stats, each.dictionary, chosen, strength, start_step, intervention, replace_rule
+                    )
                 elif chosen:
-                    erasure = saeuron_erasure(each.stats, chosen, strength, features_per_step, start_step, intervention)
+                    erasure = saeuron_erasure(
+                        each.stats, chosen, strength, features_per_step, start_step, intervention, replace_rule
+                    )
                 if erasure is not None or record:
                     hooks.append(SaeHook(each.block, each.sae, erasure, record))
         return hooks

@@ -50,16 +50,26 @@ def test_every_event_has_an_api_name(client):
 
 
 def test_erase_returns_the_pair_and_panes_then_neighbours(client):
-    request = ("a star in neon style", ["star"], "Both", -10, 0, 2, 5.0, 0, 1)
+    request = ("a star in neon style", ["star"], "Both", -10, 0, 2, 5.0, 0, 1, -10, "Steer")
     slider, panes, status = client.predict(*request, api_name="/erase")
     assert len(slider) == 2 and all(slider)
-    assert len(panes) == 3  # original, SAEmnesia, SAeUron
+    assert [pane["caption"] for pane in panes] == ["original", "erased: SAEmnesia", "erased: SAeUron"]
     assert "4 images in" in status
     neighbours = client.predict(api_name="/neighbours")  # of the session's last pair
     assert [item["caption"] for item in neighbours] == [
         "“a circle in neon style” erased",
         "“a heart in neon style” erased",
     ]
+
+
+def test_one_click_compares_original_steer_and_replace(client):
+    request = ("a star in neon style", ["star"], "SAEmnesia", -10, 0, 2, 5.0, 0, 1)  # the default: compare
+    slider, panes, status = client.predict(*request, api_name="/erase")
+    captions = [pane["caption"] for pane in panes]
+    assert captions == ["original", "erased: SAEmnesia", "erased: SAEmnesia + replace"]
+    assert "4 images in" in status and len(slider) == 2
+    with pytest.raises(Exception, match="intervention must be one of"):
+        client.predict(*request, -10, "scrub", api_name="/erase")
 
 
 def test_neighbours_before_any_erasure_say_to_erase_first(served):
@@ -75,7 +85,7 @@ def test_both_methods_erase_at_their_own_strengths(client, tiny_studio, monkeypa
         return erase(prompts, concepts, method, strength, **settings)
 
     monkeypatch.setattr(tiny_studio, "erase", recording_erase)
-    client.predict("a star in neon style", ["star"], "Both", -0.3, 0, 2, 5.0, 0, 1, -25.0, api_name="/erase")
+    client.predict("a star in neon style", ["star"], "Both", -0.3, 0, 2, 5.0, 0, 1, -25.0, "Steer", api_name="/erase")
     assert strengths == {"saemnesia": -0.3, "saeuron": -25.0}
 
 
@@ -102,7 +112,11 @@ def test_inspect_shows_maps_of_the_last_run(client):
     client.predict("a star in neon style", ["star"], "SAEmnesia", -10, 0, 2, 5.0, 0, 1, api_name="/erase")
     original, erased, mask, info = client.predict("star", None, "saemnesia", 1, 0.6, api_name="/inspect")
     assert original and erased and mask
-    assert "Neuron" in info
+    assert "Neuron" in info and "Tokens edited" in info
+    *_, replaced = client.predict("star", None, "saemnesia+replace", 1, 0.6, api_name="/inspect")
+    assert "Tokens detected and replaced" in replaced
+    with pytest.raises(Exception, match="No SAeUron \\+ replace run"):
+        client.predict("star", None, "saeuron+replace", 1, 0.6, api_name="/inspect")
 
 
 def test_neuron_tools(client):

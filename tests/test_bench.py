@@ -18,8 +18,10 @@ PAIR_ROWS = [
     "reference: plain + hooked generation",
     "hooked pair / plain diffusers pair",
     "hooked pair / reference",
+    "hooked pair, replace (PER) / plain diffusers pair",
     "UNet call (batch 4)",
     "SAE per UNet call: share / floor",
+    "replace (PER) per UNet call: share / its floor",
 ]
 TRAIN_ROWS = [
     "plain loop: TopK SAE + MSE + Adam",

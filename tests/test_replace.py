@@ -8,6 +8,7 @@ from conftest import BLOCK
 from saemnesia.concepts import ConceptDictionary, ConceptStats
 from saemnesia.erase import (
     PreparedEdit,
+    ReplaceRule,
     StepEdit,
     detected_tokens,
     grid_distances,
@@ -58,7 +59,8 @@ def test_each_detected_token_takes_the_nearest_undetected_one():
 
 def test_replace_with_nothing_detected_returns_the_block_output_exactly(tiny_sae):
     hidden = torch.randn(4, tiny_sae.d_in, 3, 3)
-    edited, sources = _replace_erased_rows(hidden, 2, 1, one_latent_edit(tiny_sae, 7, 1e9))
+    edited, sources, detected = _replace_erased_rows(hidden, 2, 1, one_latent_edit(tiny_sae, 7, 1e9))
+    assert not detected.any()
     assert torch.equal(edited, hidden) and torch.equal(sources, torch.arange(9).repeat(2, 1, 1))
 
 
@@ -68,7 +70,8 @@ def test_replace_changes_only_detected_tokens_of_erased_rows_each_half_on_its_ow
     tokens = hidden.permute(0, 2, 3, 1).reshape(4, 9, -1)
     pre_acts = pre_activations(tiny_sae, tokens.reshape(36, -1), 7).view(4, 9)
     threshold = between_two_values(pre_acts, 0.6)
-    edited, sources = _replace_erased_rows(hidden, 2, 1, one_latent_edit(tiny_sae, 7, threshold))
+    as_written = ReplaceRule(sticky=False, fallback="none")
+    edited, sources, _ = _replace_erased_rows(hidden, 2, 1, one_latent_edit(tiny_sae, 7, threshold), as_written)
     assert torch.equal(edited[[0, 2]], hidden[[0, 2]]), "originals untouched"
     new_tokens = edited.permute(0, 2, 3, 1).reshape(4, 9, -1)
     for half, row in enumerate((1, 3)):
@@ -123,3 +126,51 @@ def test_unknown_intervention_is_refused():
     stats = ConceptStats(["star"], ["object"], torch.tensor([999]), torch.ones(1, 1, 8))
     with pytest.raises(ValueError, match="intervention must be one of steer, replace"):
         saeuron_erasure(stats, ["star"], -1.0, intervention="scrub")
+
+
+def test_drift_calls_steered_tokens_out_of_range_and_copied_tokens_in_range():
+    from saemnesia.drift import drift_of_pair
+
+    torch.manual_seed(0)
+    steps, prompts, channels = 3, 4, 16
+    untouched = torch.randn(steps, prompts, channels, 4, 4)
+    edited = torch.zeros(steps, 2 * prompts, 16, dtype=torch.bool)
+    edited[:, prompts:, :5] = True
+    steered = untouched.clone()
+    steered[..., 0, :] *= -20  # the first row of tokens (5 of them edited) pushed far out
+    copied = untouched.clone()
+    copied[..., 0, :] = untouched[..., 3, :]  # the same tokens copied from the last row of the same map
+
+    def outputs(erased: torch.Tensor) -> torch.Tensor:  # halves x (originals, erased), unconditional first
+        return torch.cat([untouched, untouched, untouched, erased], dim=1)
+
+    far = drift_of_pair(outputs(steered), edited, prompts)
+    near = drift_of_pair(outputs(copied), edited, prompts)
+    assert far["edited_norm_outside"].view(steps, prompts, 5)[..., :4].all(), "the four steered tokens"
+    assert near["edited_norm_outside"].float().mean() < 0.2
+    assert len(far["edited_norms"]) == steps * prompts * 5
+
+
+def test_a_fully_detected_conditional_map_takes_the_unconditional_one_only_under_the_fallback(tiny_sae):
+    hidden = torch.randn(4, tiny_sae.d_in, 2, 2)  # [uncond original, uncond erased, cond original, cond erased]
+    nothing, everything = one_latent_edit(tiny_sae, 7, 1e9), torch.ones(2, 4, dtype=torch.bool)  # sticky from before
+    kept, sources, detected = _replace_erased_rows(hidden, 2, 1, nothing, ReplaceRule(fallback="none"), everything)
+    assert torch.equal(kept, hidden) and (sources == -1).all() and detected.all()
+    fallen, *_ = _replace_erased_rows(hidden, 2, 1, nothing, ReplaceRule(fallback="unconditional"), everything)
+    assert torch.equal(fallen[3], hidden[1]), "the conditional erased map takes its unconditional twin"
+    assert torch.equal(fallen[[0, 1, 2]], hidden[[0, 1, 2]])
+
+
+def test_the_sticky_mask_keeps_earlier_detections_and_the_mean_source_averages(tiny_sae):
+    hidden = torch.randn(2, tiny_sae.d_in, 2, 2)  # no guidance: [original, erased]
+    earlier = torch.tensor([[True, False, False, False]])
+    nothing = one_latent_edit(tiny_sae, 7, 1e9)
+    out, sources, detected = _replace_erased_rows(hidden, 2, 1, nothing, ReplaceRule(), earlier)
+    assert detected.tolist() == earlier.tolist() and sources[0, 0].tolist() == [1, 1, 2, 3]
+    tokens = hidden.permute(0, 2, 3, 1).reshape(2, 4, -1)
+    out, *_ = _replace_erased_rows(hidden, 2, 1, nothing, ReplaceRule(source="mean"), earlier)
+    new_tokens = out.permute(0, 2, 3, 1).reshape(2, 4, -1)
+    torch.testing.assert_close(new_tokens[1, 0], tokens[1, 1:].mean(0))
+    assert torch.equal(new_tokens[1, 1:], tokens[1, 1:]) and torch.equal(out[0], hidden[0])
+    with pytest.raises(ValueError, match="fallback must be one of none, unconditional"):
+        ReplaceRule(fallback="nearest")
