@@ -1,13 +1,18 @@
 """Worlds: a model, where its SAEs sit, its concepts and prompts, and its sampling defaults.
 
 Nothing else in the package knows which world it runs in. MiniCanvas is the embedded default (all
-its weights ship in assets/); Stable Diffusion v1.x loads from a local folder or a hub id.
+its weights ship in assets/); Stable Diffusion v1.x loads from a local folder or a hub id, and its
+statistics are made on first use by `python -m saemnesia prepare` (saemnesia/prepare.py), one folder
+per model.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -17,11 +22,12 @@ from safetensors import SafetensorError
 from saemnesia.minicanvas import data as minicanvas_data
 from saemnesia.minicanvas import model as minicanvas_model
 
-# MiniCanvas's model_index.json names this module for its pixel-space autoencoder: diffusers loads
-# a component from a module only once it is imported.
-assert minicanvas_model.PixelUnshuffleAutoencoder
-
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
+
+COMPONENT_CODE = {minicanvas_model.AUTOENCODER_MODULE: minicanvas_model.autoencoder_code}
+"""The code a model folder may carry for a component (diffusers' custom-component layout: `<component>/<module>.py`,
+which plain diffusers loads with `trust_remote_code=True`), by module: the package's own, so that loading a folder
+runs no code but ours."""
 
 # The published `CompVis/stable-diffusion-v1-4` UNet config, for random-weight models of SD's shape.
 SD_V14_UNET_CONFIG = {
@@ -64,6 +70,14 @@ UNLEARNCANVAS_TEMPLATE = "A {object} image in {style} style."
 SD_MODELS = {"sd14": "CompVis/stable-diffusion-v1-4", "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
 """Short names for the published Stable Diffusion v1.x checkpoints. The UnlearnCanvas fine-tune
 ("style50") is not on the hub in diffusers form: give its local folder."""
+SD_PUBLISHED_SAES = (
+    ("unsupervised", "object", "bcywinski/SAeUron"),
+    ("unsupervised", "style", "bcywinski/SAeUron"),
+    ("supervised", "object", "leno3003/SAEmnesia"),
+)
+"""(variant, kind, hub id) of the SAEs the papers published for SD's hook points: SAeUron's unsupervised ones at
+both, SAEmnesia's supervised one for objects (its dictionary ships only as a pickle: ours is rebuilt from the
+statistics)."""
 SD_EVAL_STEPS = 100
 """The paper's evaluation sampling (UnlearnCanvas protocol); the world's `steps` (50) are for demos and
 for collecting activations, as SAeUron collects them."""
@@ -88,6 +102,9 @@ class World:
     assets: Path | None = None
     """Folder of this world's SAEs, statistics, dictionaries, classifier and cached results."""
     examples: tuple[str, ...] = field(default_factory=tuple)
+    published_saes: tuple[tuple[str, str, str], ...] = ()
+    """(variant, kind, hub id or folder) of the SAEs `prepare` fetches. A world that has them is prepared on
+    first use, into a folder per model, instead of shipping its assets."""
 
     @property
     def concepts(self) -> tuple[str, ...]:
@@ -113,6 +130,12 @@ class World:
             object=object_name.replace("_", " "), style=style.replace("_", " ")
         )
 
+    def on_model(self, model: str) -> World:
+        """This world on another model. A prepared world's folder follows the model, since statistics and
+        dictionaries belong to the model they were taken on; shipped assets stay."""
+        assets = prepared_folder(self.name, model) if self.published_saes else self.assets
+        return replace(self, model=model, assets=assets)
+
 
 MINICANVAS = World(
     name="minicanvas",
@@ -136,9 +159,30 @@ MINICANVAS = World(
 )
 
 
-def stable_diffusion_world(model: str = SD_MODELS["sd14"], assets: Path | None = ASSETS / "sd") -> World:
+def cache_folder() -> Path:
+    """Where worlds are prepared: $SAEMNESIA_CACHE, else ~/.cache/saemnesia (on a Space, point it at persistent
+    storage, /data, so a restart does not prepare again)."""
+    return Path(os.environ.get("SAEMNESIA_CACHE") or Path.home() / ".cache" / "saemnesia")
+
+
+def prepared_folder(world_name: str, model: str) -> Path:
+    """The folder `prepare` fills for a world on a model: named after the hub id, or after a local folder's
+    name and a hash of its full path (two folders of the same name keep apart)."""
+    source = SD_MODELS.get(model, model)
+    local = Path(source)
+    if local.exists():
+        resolved = local.resolve()
+        name = f"{resolved.name}-{hashlib.sha256(str(resolved).encode()).hexdigest()[:8]}"
+    else:
+        name = source.replace("/", "--")
+    return cache_folder() / world_name / name
+
+
+def stable_diffusion_world(model: str = SD_MODELS["sd14"], assets: Path | None = None) -> World:
     """SD v1.x (1.4, 1.5 or the UnlearnCanvas fine-tune) with UnlearnCanvas's concepts and prompt, the paper's
-    hook points (objects at up.1.1, styles at up.1.2) and its demo sampling (DDIM, 50 steps, guidance 9)."""
+    hook points (objects at up.1.1, styles at up.1.2) and its demo sampling (DDIM, 50 steps, guidance 9).
+    Its SAEs are the published ones, with statistics `prepare` takes into `assets` (default: the model's
+    `prepared_folder`)."""
     return World(
         name="sd",
         model=model,
@@ -151,8 +195,9 @@ def stable_diffusion_world(model: str = SD_MODELS["sd14"], assets: Path | None =
         guidance=9.0,
         height=512,
         width=512,
-        assets=assets,
+        assets=assets or prepared_folder("sd", model),
         examples=("A Cats image in Van Gogh style.", "A Horses image in Watercolor style.", "A photo of a dog."),
+        published_saes=SD_PUBLISHED_SAES,
     )
 
 
@@ -255,11 +300,33 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _names_a_module(entry: object) -> bool:
+    """Whether a `model_index.json` entry is [module, class] (not [null, null], not a setting)."""
+    return isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)
+
+
+def _carries_our_code(folder: Path) -> bool:
+    """Whether the folder's components carry code (see `COMPONENT_CODE`); code that is not ours is refused."""
+    index = json.loads((folder / "model_index.json").read_text())
+    entries = index.items() if isinstance(index, dict) else ()
+    modules = [Path(name) / f"{entry[0]}.py" for name, entry in entries if _names_a_module(entry)]
+    carried = [folder / module for module in modules if (folder / module).is_file()]
+    for path in carried:
+        ours = COMPONENT_CODE.get(path.stem)
+        if ours is None or path.read_text().replace("\r\n", "\n") != ours():
+            raise ValueError(
+                f"'{folder}' carries code of its own ({path.relative_to(folder)}), and SAEmnesia runs no code from a "
+                "model folder but its own: give a folder of standard diffusers and transformers components."
+            )
+    return bool(carried)
+
+
 def load_pipeline(source: str, device: str | None = None, dtype: torch.dtype | None = None) -> StableDiffusionPipeline:
     """Load a Stable-Diffusion-architecture pipeline from a folder, a hub id or a `SD_MODELS` short name
     (sd14, sd15): fp16 on CUDA, fp32 on CPU, with a DDIM sampler.
 
-    Hub ids need a network; nothing is downloaded for a local folder. Weights load from safetensors only.
+    Hub ids need a network; nothing is downloaded for a local folder. Weights load from safetensors only, and
+    a folder's code only where it is the package's own (see `COMPONENT_CODE`).
     """
     source = SD_MODELS.get(source, source)
     device = device or default_device()
@@ -271,7 +338,12 @@ def load_pipeline(source: str, device: str | None = None, dtype: torch.dtype | N
         raise FileNotFoundError(f"'{source}' has no model_index.json: it is not a diffusers pipeline folder.")
     try:
         pipeline = StableDiffusionPipeline.from_pretrained(
-            source, dtype=dtype, use_safetensors=True, safety_checker=None, requires_safety_checker=False
+            source,
+            dtype=dtype,
+            use_safetensors=True,
+            safety_checker=None,
+            requires_safety_checker=False,
+            trust_remote_code=path.exists() and _carries_our_code(path),
         )
     except (OSError, ValueError, SafetensorError) as error:
         raise ValueError(

@@ -1,15 +1,18 @@
 """MiniCanvas's text-to-image model: Stable Diffusion's architecture at a size a CPU can train.
 
 The components are the stock ones (`UNet2DConditionModel`, `CLIPTextModel`, `CLIPTokenizer`,
-`DDIMScheduler`), so `StableDiffusionPipeline.from_pretrained` loads the result. Diffusion runs in
-pixel space: the "autoencoder" is an exact, parameter-free `pixel_unshuffle` (32 x 32 x 3 images
-become 16 x 16 x 12 latents), which fits the pipeline and costs no training. The UNet predicts v on a
+`DDIMScheduler`) but the autoencoder. Diffusion runs in pixel space: the "autoencoder" is an exact,
+parameter-free `pixel_unshuffle` (32 x 32 x 3 images become 16 x 16 x 12 latents), which fits the
+pipeline and costs no training. A saved model carries its code in `vae/` (diffusers' custom-component
+layout), so `StableDiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` loads it in a
+Python that never imported this package. The UNet predicts v on a
 cosine schedule: with epsilon-prediction in pixel space, DDIM's first steps amplify the noise
 estimate's error a hundredfold (the pipeline turns off x0 clipping), and samples came out as noise.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -64,6 +67,36 @@ class PixelUnshuffleAutoencoder(ModelMixin, ConfigMixin):
     def decode(self, latents: torch.Tensor, return_dict: bool = True, generator=None):
         images = F.pixel_shuffle(latents, self.config.factor)
         return DecoderOutput(sample=images) if return_dict else (images,)
+
+
+AUTOENCODER_MODULE = "pixel_unshuffle_autoencoder"
+"""The autoencoder's module file in a saved model's `vae/` folder, as `model_index.json` names it."""
+
+_AUTOENCODER_HEADER = '''"""MiniCanvas's pixel-space autoencoder, written by `saemnesia` from its own class: diffusers
+loads it with `StableDiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`, without the package."""
+
+import torch
+import torch.nn.functional as F
+from diffusers import ModelMixin
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
+from diffusers.models.modeling_outputs import AutoencoderKLOutput
+'''
+
+
+def autoencoder_code() -> str:
+    """The autoencoder's module for a model folder: this file's class, so a folder's code never drifts from it."""
+    return f"{_AUTOENCODER_HEADER}\n\n{inspect.getsource(PixelUnshuffleAutoencoder)}"
+
+
+def write_autoencoder_code(folder: Path) -> None:
+    """Put the autoencoder's code in `folder/vae/` and name it in `model_index.json` (diffusers records our
+    module's import path there, which only a Python that imported the package could resolve)."""
+    folder = Path(folder)
+    (folder / "vae" / f"{AUTOENCODER_MODULE}.py").write_text(autoencoder_code())
+    index = json.loads((folder / "model_index.json").read_text())
+    index["vae"] = [AUTOENCODER_MODULE, PixelUnshuffleAutoencoder.__name__]
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def build_tokenizer(max_length: int = 77) -> CLIPTokenizer:
@@ -151,6 +184,7 @@ def save_pipeline(components: dict, folder: Path) -> None:
         **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
     )
     pipeline.save_pretrained(folder)
+    write_autoencoder_code(folder)
 
 
 def _optimizer_state_to_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
