@@ -7,8 +7,9 @@ app need each SAE's concept statistics and dictionary on the model in use, which
 chains what `collect` and `stats` do by hand, with the same library functions: fetch the model and the
 SAEs from the hub, collect the hook points' activations on every object x style prompt, take each SAE's
 statistics and dictionary, and delete the activations. It measures what one image costs on this machine
-first and says how long the whole will take. Resumable: a rerun keeps the SAEs fetched, the shards
-collected and the statistics taken, and a finished folder (with `prepared.json`) is left as it is.
+first and says how long the whole will take. Resumable: a rerun keeps the SAEs fetched (unless given
+another source), the shards collected and the statistics taken, and a finished folder (with
+`prepared.json`) is left as it is.
 
 `app.py --world sd` runs it on its first start when the folder is missing.
 """
@@ -30,7 +31,7 @@ from diffusers import StableDiffusionPipeline
 from saemnesia.generate import check_sae_fits
 from saemnesia.hooks import hooked_block
 from saemnesia.sae import WEIGHTS_FILE, Sae, load_sae
-from saemnesia.studio import DICTIONARY_FILE, STATS_FILE
+from saemnesia.studio import DICTIONARY_FILE, LIMITS, STATS_FILE
 from saemnesia.train import collect, labelled_prompts, write_stats
 from saemnesia.worlds import World, load_pipeline
 
@@ -42,8 +43,9 @@ two hook points: about 13 GB for SD at the defaults, 1,000 images x 10 steps).""
 STEPS = 10
 """Sampler steps of the collection. Statistics are looked up by timestep, so a 50-step generation uses the
 nearest of these ten; 50 here would match the paper's collection and take five times the time and disk."""
-STEPS_RANGE = (1, 150)
 SEEDS_RANGE = (1, 64)
+SOURCE_FILE = "source.txt"
+"""Beside each fetched SAE: the hub id or folder it came from."""
 STATS_BATCH = 4096
 """Tokens per SAE encoding when timing the statistics, as `compute_stats` batches them."""
 
@@ -130,6 +132,12 @@ def seconds_per_image(
     return seconds / len(prompts)
 
 
+def _fetched_from(folder: Path) -> str | None:
+    """The source an SAE folder was fetched from, so that a rerun with another one fetches again."""
+    path = folder / SOURCE_FILE
+    return path.read_text().strip() if path.is_file() else None
+
+
 def _done(folder: Path) -> bool:
     return (folder / STATS_FILE).is_file() and (folder / DICTIONARY_FILE).is_file()
 
@@ -151,7 +159,7 @@ def prepare(
     out = Path(out or world.assets)
     sources = sae_sources(world, overrides)
     for name, value, (low, high) in (
-        ("steps", steps, STEPS_RANGE),
+        ("steps", steps, LIMITS["steps"]),
         ("seeds_per_prompt", seeds_per_prompt, SEEDS_RANGE),
     ):
         if not low <= value <= high:
@@ -175,8 +183,11 @@ def prepare(
     for variant, kind, source in sources:
         block = world.block_for(kind)
         folder = world.sae_folder(variant, kind)
-        if not (folder / WEIGHTS_FILE).is_file():
+        if not (folder / WEIGHTS_FILE).is_file() or _fetched_from(folder) != source:
+            for stale in (STATS_FILE, DICTIONARY_FILE):
+                (folder / stale).unlink(missing_ok=True)
             load_sae(source, block).save(folder)
+            (folder / SOURCE_FILE).write_text(source + "\n")
         sae = Sae.load(folder, str(pipeline.device))
         check_sae_fits(pipeline, sae, block)
         saes.append((sae, block, folder))

@@ -5,6 +5,7 @@ import dataclasses
 import functools
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from gradio_client import Client
 
 import app as studio_app
 from saemnesia import cli
+from saemnesia.concepts import ConceptStats
 from saemnesia.loadtest import free_port, start_app
 from saemnesia.minicanvas.model import (
     AUTOENCODER_MODULE,
@@ -27,7 +29,7 @@ from saemnesia.minicanvas.model import (
     build_tokenizer,
     save_pipeline,
 )
-from saemnesia.prepare import ACTIVATIONS, MARKER, is_prepared, prepare
+from saemnesia.prepare import ACTIVATIONS, MARKER, assets_folder, is_prepared, prepare
 from saemnesia.sae import Sae, SaeConfig
 from saemnesia.studio import DICTIONARY_FILE, STATS_FILE
 from saemnesia.worlds import MINICANVAS, WORLDS, load_pipeline, random_sd_pipeline
@@ -56,7 +58,7 @@ np.save(sys.argv[2], images)
 
 def test_minicanvas_folder_loads_in_plain_diffusers_and_draws_the_apps_image(tmp_path):
     """Isolated mode (-I) keeps the repository and PYTHONPATH off the path; only the venv's packages remain."""
-    environment = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    environment = {"HOME": str(tmp_path), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-I", "-c", PLAIN_DIFFUSERS, MINICANVAS.model, str(tmp_path / "plain.npy")]
     run = subprocess.run(command, cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=180)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -79,7 +81,7 @@ def test_the_folder_carries_the_packages_autoencoder_and_other_code_is_refused(t
     assert index["vae"] == [AUTOENCODER_MODULE, "PixelUnshuffleAutoencoder"]
     assert (model / "vae" / f"{AUTOENCODER_MODULE}.py").read_text() == autoencoder_code()
     tampered = tmp_path / "model"
-    subprocess.run(["cp", "-r", str(model), str(tampered)], check=True)
+    shutil.copytree(model, tampered)
     code = tampered / "vae" / f"{AUTOENCODER_MODULE}.py"
     code.write_text(code.read_text() + "\nprint('not ours')\n")
     with pytest.raises(ValueError, match=f"carries code of its own \\(vae/{AUTOENCODER_MODULE}.py\\)"):
@@ -92,7 +94,7 @@ def test_the_folder_carries_the_packages_autoencoder_and_other_code_is_refused(t
 
 
 def test_app_starts_with_spaces_installed_on_a_cpu_and_serves_a_pair(monkeypatch):
-    assert spaces.GPU  # installed (requirements.txt), as on a Space
+    assert studio_app.spaces is spaces  # installed (requirements.txt), as on a Space, and the app takes it
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     port = free_port()
     server = start_app("minicanvas", port, device="cpu")
@@ -236,11 +238,38 @@ def test_prepare_command_resumes_keeping_what_is_done_and_refuses_what_it_cannot
     stats = out / "sae" / "unsupervised" / OBJECT_BLOCK / STATS_FILE
     first = stats.stat().st_mtime_ns
     (out / MARKER).unlink()  # as if the run had stopped after the statistics
-    prepare(WORLDS["sd"].on_model(str(offline_sd)), out, steps=2, device="cpu")
+    world = WORLDS["sd"].on_model(str(offline_sd))
+    prepare(world, out, steps=2, device="cpu")
     assert stats.stat().st_mtime_ns == first and is_prepared(out) and not (out / ACTIVATIONS).exists()
     assert "Prepared in" in capsys.readouterr().err
+    (out / MARKER).unlink()  # a rerun with another source for one variant fetches it and takes its statistics anew
+    mine = tmp_path / "mine"
+    Sae(SaeConfig(d_in=64, num_latents=128, k=4)).save(mine / f"unet.{OBJECT_BLOCK}")
+    Sae(SaeConfig(d_in=64, num_latents=128, k=4)).save(mine / f"unet.{STYLE_BLOCK}")
+    prepare(world, out, {"unsupervised": str(mine)}, steps=2, device="cpu")
+    assert ConceptStats.load(stats).mean_acts.shape[-1] == 128
+    supervised = out / "sae" / "supervised" / OBJECT_BLOCK / STATS_FILE
+    assert ConceptStats.load(supervised).mean_acts.shape[-1] == 256
     with pytest.raises(ValueError, match="ships its SAEs"):
         prepare(MINICANVAS, tmp_path / "minicanvas")
+
+
+def test_on_zero_gpu_an_unprepared_world_stops_the_app_and_a_prepared_hub_repository_serves(
+    offline_sd, tmp_path, monkeypatch
+):
+    import huggingface_hub
+
+    monkeypatch.setattr(studio_app, "spaces", fake_spaces([]))
+    with pytest.raises(SystemExit, match="ZeroGPU lends a GPU per request only: prepare it on a GPU machine"):
+        studio_app.main(["--world", "sd", "--model", str(offline_sd), "--device", "cpu"])
+    downloads = {"me/prepared": tmp_path / "snapshot", "me/empty": tmp_path / "empty"}
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id: str(downloads[repo_id]))
+    (tmp_path / "snapshot").mkdir()
+    (tmp_path / "snapshot" / MARKER).write_text("{}")
+    assert assets_folder("me/prepared") == tmp_path / "snapshot"
+    with pytest.raises(FileNotFoundError, match="holds no prepared world"):
+        assets_folder("me/empty")
+    assert assets_folder("runs-sd") == Path("runs-sd")  # a local folder, to prepare into
 
 
 def test_a_minicanvas_model_saved_by_train_world_carries_its_code_and_loads(tmp_path):
