@@ -712,7 +712,10 @@ def main(argv: list[str] | None = None) -> None:
                 "prepare it on a GPU machine (`python -m saemnesia prepare`), upload the folder to a hub repository "
                 "and give that as SAEMNESIA_ASSETS (docs/space.md)."
             )
-        prepare(world, device=args.device)
+        try:
+            prepare(world, device=args.device)
+        except (ValueError, OSError) as error:  # a bad model or SAE, the hub, the disk: said, not traced
+            raise SystemExit(f"Cannot prepare the {world.name} world in {world.assets}: {error}") from None
     studio = Studio.load(world, device=args.device)
     classifier = None
     if world.assets is not None and (world.assets / "classifier").is_dir():

@@ -638,16 +638,19 @@ def _prepare(args: argparse.Namespace) -> None:
         overrides[variant] = source
     world = WORLDS[args.world]
     world = world.on_model(args.model) if args.model else world
-    out = prepare(
-        world,
-        args.out,
-        overrides,
-        seeds_per_prompt=args.seeds_per_prompt,
-        steps=args.steps,
-        images_per_shard=args.images_per_shard,
-        device=args.device,
-        keep_activations=args.keep_activations,
-    )
+    try:
+        out = prepare(
+            world,
+            args.out,
+            overrides,
+            seeds_per_prompt=args.seeds_per_prompt,
+            steps=args.steps,
+            images_per_shard=args.images_per_shard,
+            device=args.device,
+            keep_activations=args.keep_activations,
+        )
+    except OSError as error:  # the hub or the disk, said as plainly as a bad argument
+        raise ValueError(f"Cannot prepare the {world.name} world: {error}") from error
     print(out)
 
 

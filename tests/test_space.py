@@ -262,6 +262,9 @@ def test_on_zero_gpu_an_unprepared_world_stops_the_app_and_a_prepared_hub_reposi
     monkeypatch.setattr(studio_app, "spaces", fake_spaces([]))
     with pytest.raises(SystemExit, match="ZeroGPU lends a GPU per request only: prepare it on a GPU machine"):
         studio_app.main(["--world", "sd", "--model", str(offline_sd), "--device", "cpu"])
+    monkeypatch.setattr(studio_app, "spaces", None)
+    with pytest.raises(SystemExit, match="Cannot prepare the sd world .*Model folder '/no/model' does not exist"):
+        studio_app.main(["--world", "sd", "--model", "/no/model", "--device", "cpu"])
     downloads = {"me/prepared": tmp_path / "snapshot", "me/empty": tmp_path / "empty"}
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id: str(downloads[repo_id]))
     (tmp_path / "snapshot").mkdir()
