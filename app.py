@@ -76,9 +76,17 @@ def whole_as_int(value: object) -> object:
     return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
+def example_concept(world, prompt: str) -> str:
+    """The concept an example prompt is there to erase: the first object it names, else the first style it
+    names, else the world's first object."""
+    words = prompt.lower().replace(",", " ").split()
+    named = [c for c in (*world.objects, *world.styles) if all(w in words for w in c.lower().replace("_", " ").split())]
+    return named[0] if named else world.objects[0]
+
+
 def default_concept(world) -> str:
-    """The concept the page opens on: the fourth object ("star" in MiniCanvas, matching the first example)."""
-    return world.objects[3 % len(world.objects)]
+    """The concept the page opens on: the one the first example erases."""
+    return example_concept(world, world.examples[0]) if world.examples else world.objects[0]
 
 
 def verdicts(classifier, images: list) -> list | None:
@@ -158,13 +166,17 @@ def erase_tab(studio: Studio, classifier, last_run: gr.State, benchmark: dict | 
     with gr.Row():
         with gr.Column(scale=2):
             prompt = gr.Textbox(label="Prompt", value=world.examples[0], max_lines=2)
-            gr.Examples([[e] for e in world.examples], inputs=[prompt], label="Example prompts")
             concepts = gr.Dropdown(
                 choices=list(world.concepts),
                 value=[default_concept(world)],
                 multiselect=True,
                 label="Concepts to erase",
                 info="Objects and styles, by name; several at once.",
+            )
+            gr.Examples(
+                [[e, [example_concept(world, e)]] for e in world.examples],
+                inputs=[prompt, concepts],
+                label="Example prompts (each sets the concept it erases)",
             )
             method = gr.Radio(list(METHOD_CHOICES), value="SAEmnesia", label="Method (whose SAE detects the concept)")
             intervention = gr.Radio(

@@ -54,6 +54,7 @@ def _train_artifact_detector(args: argparse.Namespace) -> None:
         device=args.device,
         learning_rate=args.learning_rate,
         eval_images=args.eval_images,
+        drawings=args.drawings,
         studio=studio,
         generated_seeds=args.generated_seeds,
         floor_seeds=floor_seeds,
@@ -698,18 +699,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     train_artifacts = commands.add_parser(
         "train-artifact-detector",
-        help="train the MiniCanvas artifact detector: clean images vs generically corrupted ones (~15 CPU minutes)",
+        help="train the MiniCanvas artifact detector: clean images vs generically corrupted ones (~20 CPU minutes)",
     )
     train_artifacts.add_argument("--out", default="assets/minicanvas/artifact-detector")
-    train_artifacts.add_argument("--steps", type=int, default=800)
+    train_artifacts.add_argument("--steps", type=int, default=1500)
     train_artifacts.add_argument("--batch-size", type=int, default=64)
     train_artifacts.add_argument("--learning-rate", type=float, default=3e-3)
     train_artifacts.add_argument("--eval-images", type=int, default=1100, help="held-out drawings to measure on")
+    train_artifacts.add_argument("--drawings", type=int, default=6000, help="drawings in the training pool")
     train_artifacts.add_argument("--seed", type=int, default=0)
     train_artifacts.add_argument(
         "--generated-seeds",
         type=int,
-        default=6,
+        default=4,
         help="seeds from 80000 whose untouched generations (every object x style) join the clean images (0: none)",
     )
     train_artifacts.add_argument(

@@ -8,40 +8,50 @@ latent; SAeUron searches 3 feature counts (its percentiles 99.999 / 99.995 / 99.
 world's first objects together, one more each step. The classifier judges every image; the untouched
 model, run once, gives the ceiling.
 
+Each method runs with each of the protocol's interventions: `steer` (the search above) and `replace`
+(PER), which scales nothing and so searches no strength: SAEmnesia's replace has nothing to choose (no
+tuning images), SAeUron's chooses its latents per step (3 trials). With an artifact detector every image
+is also judged clean or corrupted, and each row reports AR, the artifact rate on the erased concept's
+own images (`Metrics.ar`).
+
 Protocols (`FULL`, `QUICK`). All images are erased-only, many prompts a call, all prompts of a call
 from one seed's noise; seeds are far above those `collect` uses for the statistics (0 to 1199).
 - full: all 10 objects and 10 styles erased. Tuning: seed 50000, 10 prompts naming the concept and 10
   naming other concepts of its kind (partners and templates rotating), so 20 images a trial,
   28 trials a concept: 11,200 images. Held-out: seeds 60000-60001, 20 + 20 prompts, 2 methods: 3,200.
   Sequential: 1 to 9 objects, 50 prompts over all objects, seed 60000, 2 methods: 900. Untouched: every
-  held-out and sequential prompt at its seeds: 532. 15,832 images, about 34 minutes at the 7.8
-  images/s measured on a 2-core CPU.
+  held-out and sequential prompt at its seeds: 532. 15,832 images with steer alone, about 34 minutes at
+  the 7.8 images/s measured on a 2-core CPU; replace adds SAeUron's 3 trials a concept (1,200), held-out
+  (3,200) and sequential (900) images: 21,132 in all.
 - quick: the first 3 objects and 2 styles; tuning 3 + 3 prompts (840 images), held-out seed 60000 with
-  6 + 6 prompts (120), sequential 1 to 3 objects on 20 prompts (120), untouched 51: 1,131 images,
-  about 4 minutes at 5 images/s. A demo and a smoke test: too few images to compare methods.
+  6 + 6 prompts (120), sequential 1 to 3 objects on 20 prompts (120), untouched 51: 1,131 images with steer
+  alone, 1,461 with replace, about 5 minutes at 5 images/s. A demo and a smoke test: too few images to
+  compare methods.
 
-Verdicts are cached one JSON line per image (`VerdictCache`), keyed by method, erased concepts,
-strength, features per step, seed and prompt, and tagged with a fingerprint of what decides the image:
-the model and classifier, and the SAEs and statistics of the image's own method (none for the untouched
-model). An interrupted or repeated run redoes nothing, a retrained model never reuses stale verdicts,
-and retraining one method's SAE remakes only that method's images.
+Verdicts are cached one JSON line per image (`VerdictCache`), keyed by method, intervention, erased
+concepts, strength, features per step, seed and prompt, and tagged with a fingerprint of what decides the
+verdict: the model, classifier and artifact detector, and the SAEs and statistics of the image's own method
+(none for the untouched model). An interrupted or repeated run redoes nothing, a retrained model never
+reuses stale verdicts, and retraining one method's SAE remakes only that method's images.
 
 The JSON `write_results` writes (`evaluation.json`, or `evaluation-quick.json`); metrics in % with
 2 decimals, null where undefined (e.g. IRA with no concept left):
     schema: 1; world; protocol: the `Protocol` fields and `rules` (how settings were chosen)
     settings: {steps, guidance, height, width, model, object_block, style_block, extra_blocks, fingerprint}
     ceiling: {object_accuracy, style_accuracy, images, per_concept: {concept: accuracy on its kind}}
-    methods: {"saemnesia" | "saeuron": {
+    methods: {"saemnesia" | "saeuron" | "saemnesia+replace" | "saeuron+replace": {method, intervention,
         concepts: {concept: {kind, chosen: {strength, features_per_step, tuning_score},
-                             tuning: [{strength, features_per_step, ua, ira, cra, score}, ...],
-                             heldout: {ua, ira, cra, images}, untouched: {ua, ira, cra}}},
-        summary: {"object" | "style": {ua, ira, cra, mean, concepts, untouched: {ua, ira, cra, mean}}},
-        sequential: [{erased: [objects], strength, features_per_step, ua, ira, cra, images,
-                      untouched: {ua, ira, cra}}, ...]}}
-    search: {"saemnesia" | "saeuron": {strengths: {kind: grid}, features_per_step, trials_per_concept, trials, images,
+                             tuning: [{strength, features_per_step, ua, ira, cra, cra_erased, ar, ar_others,
+                                       score}, ...],
+                             heldout: {ua, ira, cra, cra_erased, ar, ar_others, images}, untouched: {...}}},
+        summary: {"object" | "style": {ua, ira, cra, cra_erased, ar, ar_others, mean, concepts,
+                                       untouched: {...}}},
+        sequential: [{erased: [objects], strength, features_per_step, ua, ira, cra, ..., images,
+                      untouched: {...}}, ...]}}
+    search: {<pipeline>: {strengths: {kind: grid}, features_per_step, trials_per_concept, trials, images,
              seconds, seconds_per_trial}, paper_grid: {trials_per_concept: 210, trials, estimated_seconds},
              trials_saved: 1 - ours/theirs per concept, vs our SAeUron grid and vs the paper's}
-    paper: Table 1 by method and kind
+    paper: Table 1 (steer) and PER's object table (replace) by pipeline and kind
     images: {planned, generated (made by this run), from_cache (earlier runs, or reused within this one)}
     generation_seconds (this run's image making); wall_time_s; created (UTC, ISO 8601)
 Search seconds add up the stored time of every image a search used, so a resumed run reports the same.

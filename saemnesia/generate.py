@@ -149,14 +149,14 @@ def _block_edit(
     step_edits = [None if e is None else PreparedEdit.of(hook.sae, e) for e in step_edits]
     replacing = erasure is not None and erasure.intervention == "replace"
     encoder = EditEncoder.of(hook.sae) if erasure is not None and not replacing and not hook.record else None
-    detected_so_far: list[Tensor] = []  # the replace rule's sticky mask, this generation's
+    detected_so_far: Tensor | None = None  # replace: this generation's detections, for a sticky rule
 
     def replace(hidden: Tensor, step_edit: PreparedEdit) -> tuple[Tensor, Tensor]:
-        before = detected_so_far[-1] if detected_so_far and erasure.replace_rule.sticky else None
-        hidden, sources, detected = _replace_erased_rows(
-            hidden, batch, originals, step_edit, erasure.replace_rule, before
+        nonlocal detected_so_far
+        rule = erasure.replace_rule
+        hidden, sources, detected_so_far = _replace_erased_rows(
+            hidden, batch, originals, step_edit, rule, detected_so_far if rule.sticky else None
         )
-        detected_so_far[:] = [detected]
         return hidden, sources
 
     def edit(hidden: Tensor, step: int) -> Tensor:

@@ -27,7 +27,6 @@ RULES = {
     "nearest + sticky mask": ReplaceRule(fallback="none"),
     "nearest + sticky + unconditional fallback (default)": PER_RULE,
     "sticky + fallback, mask dilated": ReplaceRule(dilate=True),
-    "sticky + fallback, mean": ReplaceRule(source="mean"),
 }
 """Named rules to compare; the default is `erase.PER_RULE`."""
 

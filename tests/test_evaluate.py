@@ -44,6 +44,7 @@ from saemnesia.evaluate import (
 )
 from saemnesia.generate import sampler_timesteps
 from saemnesia.minicanvas import classifier as classifier_module
+from saemnesia.minicanvas.artifacts import ArtifactDetector, ArtifactDetectorConfig
 from saemnesia.minicanvas.classifier import NO_OBJECT, ClassifierConfig, MiniCanvasClassifier
 from saemnesia.studio import SaeBundle, Studio
 from saemnesia.worlds import MINICANVAS
@@ -249,12 +250,39 @@ def tiny_classifier() -> MiniCanvasClassifier:
     return MiniCanvasClassifier(ClassifierConfig(TINY_WORLD.objects, TINY_WORLD.styles, channels=(4, 4, 4))).eval()
 
 
+def tiny_artifact_detector() -> ArtifactDetector:
+    torch.manual_seed(0)
+    return ArtifactDetector(ArtifactDetectorConfig(channels=(4, 4, 4))).eval()
+
+
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("evaluate")
     studio, classifier = tiny_studio(), tiny_classifier()
-    results = evaluate(studio, classifier, QUICK, cache=folder / "cache.jsonl", progress=False)
+    detector = tiny_artifact_detector()
+    results = evaluate(
+        studio, classifier, QUICK, cache=folder / "cache.jsonl", progress=False, artifact_detector=detector
+    )
     return studio, classifier, folder, results
+
+
+def test_quick_mode_measures_replace_with_no_strength_search_and_ar_on_every_row(quick_run):
+    _, _, _, results = quick_run
+    search = results["search"]
+    assert search["saemnesia+replace"]["trials"] == search["saemnesia+replace"]["images"] == 0
+    assert search["saeuron+replace"]["trials"] == 3 * 5 and search["saeuron+replace"]["strengths"]["object"] == []
+    for key in ("saemnesia", "saeuron", "saemnesia+replace", "saeuron+replace"):
+        entry = results["methods"][key]
+        assert entry["intervention"] == ("replace" if "+" in key else "steer")
+        for concept in entry["concepts"].values():
+            assert concept["heldout"]["images"] == 2 * QUICK.heldout_concept_prompts
+            assert 0 <= concept["heldout"]["ar"] <= 100 and 0 <= concept["untouched"]["ar"] <= 100
+            if "+" in key:
+                assert concept["chosen"]["strength"] == 0.0
+        assert [step["erased"] for step in entry["sequential"]] == [["circle"], ["circle", "square"]]
+    table = results_table(results)
+    assert "| SAEmnesia + replace | objects |" in table and "| SAeUron + replace | styles |" in table
+    assert "0 trials a concept (latent counts (replace scales nothing))" in table
 
 
 def test_quick_mode_tunes_on_tuning_seeds_and_reports_on_heldout_ones(quick_run):
