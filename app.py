@@ -27,7 +27,7 @@ import gradio as gr  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from saemnesia.erase import STRENGTH_RANGE  # noqa: E402
+from saemnesia.erase import INTERVENTIONS, STRENGTH_RANGE  # noqa: E402
 from saemnesia.evaluate import (  # noqa: E402
     DEFAULT_STRENGTH,
     benchmark_results,
@@ -660,10 +660,13 @@ def gpu_image_steps(world, api_name: str, arguments: dict) -> int:
         valid = isinstance(value, int) and not isinstance(value, bool) and 0 < value <= most
         return value if valid else most
 
-    if api_name == "erase":
-        method = arguments.get("method")
+    if api_name == "erase":  # a pair for each method and intervention
+        method, intervention = arguments.get("method"), arguments.get("intervention", DEFAULT_INTERVENTION)
         methods = len(METHOD_CHOICES.get(method, METHOD_CHOICES["Both"])) if isinstance(method, str) else 2
-        return 2 * methods * steps(arguments.get("steps"))
+        interventions = (
+            len(INTERVENTION_CHOICES.get(intervention, INTERVENTIONS)) if isinstance(intervention, str) else 2
+        )
+        return 2 * methods * interventions * steps(arguments.get("steps"))
     if api_name == "neighbours":  # the last pair's erasure on three neighbour prompts, erased images only
         try:
             return 3 * steps(arguments["state"]["request"][3][2])

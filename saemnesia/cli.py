@@ -177,7 +177,8 @@ def _load_studio(args: argparse.Namespace):
 
     extra_object_blocks = getattr(args, "extra_object_block", None)
     extra_blocks = {"object": extra_object_blocks} if extra_object_blocks else None
-    return Studio.load(WORLDS[args.world], device=args.device, model=args.model, extra_blocks=extra_blocks)
+    world = WORLDS[args.world] if args.model is None else WORLDS[args.world].on_model(args.model)
+    return Studio.load(world, device=args.device, extra_blocks=extra_blocks)
 
 
 def _add_world_arguments(parser: argparse.ArgumentParser) -> None:

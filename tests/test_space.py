@@ -142,9 +142,10 @@ def test_on_zero_gpu_each_generating_event_asks_for_the_time_its_request_needs(t
     def seconds(image_steps: int) -> int:
         return math.ceil(studio_app.ZERO_GPU_START_SECONDS + studio_app.ZERO_GPU_SECONDS_PER_IMAGE_STEP * image_steps)
 
-    # Both methods: two pairs at 7 steps; then three neighbour prompts at the pair's 7 steps, erased only.
-    assert durations == [seconds(2 * 2 * 7), seconds(3 * 7)]
-    assert seconds(2 * 2 * 50) <= 30  # the SD demo's pair of pairs (50 steps) asks for half a minute at most
+    # Both methods, steer and replace (the default): four pairs at 7 steps; then three neighbour prompts at the
+    # pair's 7 steps, erased only.
+    assert durations == [seconds(2 * 2 * 2 * 7), seconds(3 * 7)]
+    assert seconds(2 * 2 * 2 * 50) <= 40  # the SD demo's four pairs (50 steps) ask for 40 s at most
 
 
 def test_without_spaces_no_event_is_wrapped(tiny_studio, monkeypatch):
