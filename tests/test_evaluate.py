@@ -31,6 +31,7 @@ from saemnesia.evaluate import (
     benchmark_results,
     ceiling,
     choose_setting,
+    diagnostics,
     edit_coverage,
     erasure_metrics,
     evaluate,
@@ -513,13 +514,13 @@ def test_evaluate_command_defaults():
 
 def test_ablate_blocks_removes_the_prompt_at_one_block_and_leaves_the_model_clean(monkeypatch):
     studio, classifier = tiny_studio(), tiny_classifier()
-    seen, classify = [], evaluate_module.classify
+    seen, classify = [], diagnostics.classify
 
     def recording_classify(model, images):
         seen.append(np.stack([np.asarray(image) for image in images]))
         return classify(model, images)
 
-    monkeypatch.setattr(evaluate_module, "classify", recording_classify)
+    monkeypatch.setattr(diagnostics, "classify", recording_classify)
     blocks = ["up_blocks.1.attentions.0", "up_blocks.1.attentions.1"]
     report = ablate_blocks(studio, classifier, blocks, styles_per_object=2, seed=3)
     monkeypatch.undo()
