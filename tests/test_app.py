@@ -1,5 +1,6 @@
 """The app served on loopback, every endpoint called through gradio_client, and a real browser."""
 
+import json
 import shutil
 import socket
 import subprocess
@@ -11,7 +12,10 @@ import pytest
 from gradio_client import Client
 
 import app as studio_app
+from saemnesia.evaluate import DEFAULT_STRENGTH, result_set_label
 from saemnesia.worlds import MINICANVAS
+from ui.metrics import result_set_view
+from ui.shared import tuned_settings
 
 
 def free_port() -> int:
@@ -25,7 +29,14 @@ def served(tiny_studio):
     demo = studio_app.build_app(tiny_studio, classifier=None)
     demo.queue(default_concurrency_limit=1, max_size=8)
     port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, show_error=True)
+    demo.launch(
+        server_name="127.0.0.1",
+        server_port=port,
+        prevent_thread_lock=True,
+        quiet=True,
+        show_error=True,
+        css=studio_app.CSS,
+    )
     yield f"http://127.0.0.1:{port}/"
     demo.close()
 
@@ -96,11 +107,9 @@ def test_tuned_settings_come_from_the_benchmark_per_method():
             "saeuron": {"concepts": {"star": {"chosen": {"strength": -25.0, "features_per_step": 2}}}},
         }
     }
-    assert studio_app.tuned_settings(benchmark, ["star"]) == (-0.3, -25.0, 2)
-    default = studio_app.DEFAULT_STRENGTH
-    assert (
-        studio_app.tuned_settings(None, ["star"]) == studio_app.tuned_settings(benchmark, []) == (default, default, 1)
-    )
+    assert tuned_settings(benchmark, ["star"]) == (-0.3, -25.0, 2)
+    default = DEFAULT_STRENGTH
+    assert tuned_settings(None, ["star"]) == tuned_settings(benchmark, []) == (default, default, 1)
 
 
 def test_erase_refuses_unknown_concept_with_its_name(client):
@@ -129,30 +138,77 @@ def test_neuron_tools(client):
 
 
 def test_metrics_show_any_cached_result_set_with_its_plots():
-    table, plots = studio_app.result_set_view(MINICANVAS, "standard")
+    table, curves, sequential = result_set_view(MINICANVAS, "standard")
     assert "standard protocol" in table and "| SAEmnesia | objects |" in table
-    assert [Path(plot).name for plot in plots] == ["strength-curves-standard.png", "sequential-standard.png"]
+    assert (Path(curves).name, Path(sequential).name) == ("strength-curves-standard.png", "sequential-standard.png")
     with pytest.raises(gr.Error, match="No result set 'fastest'"):
-        studio_app.result_set_view(MINICANVAS, "fastest")
+        result_set_view(MINICANVAS, "fastest")
+
+
+def test_result_sets_are_named_in_plain_words_from_their_name_parts():
+    assert result_set_label("full") == "full: the benchmark, every object and style, seeds 60000-60001"
+    assert result_set_label("standard") == "standard: a lighter search, every object and 4 styles, seed 60000"
+    assert result_set_label("quick") == "quick: a smoke test, 3 objects and 2 styles, seed 60000"
+    assert result_set_label("full-heldout-from-70000") == (
+        "full-heldout-from-70000: the same tuning, reported on seeds 70000-70001"
+    )
+    assert result_set_label("full-no-object-class") == (
+        "full-no-object-class: scored by the classifier that can answer 'nothing'"
+    )
+    assert result_set_label("quick-tuned-on-2-seeds-plus-mid_block.attentions.0-up_blocks.0.attentions.1-replace") == (
+        "quick-tuned-on-2-seeds-plus-mid_block.attentions.0-up_blocks.0.attentions.1-replace: tuned on 2 seeds; "
+        "objects erased at mid_block.attentions.0, up_blocks.0.attentions.1 too; replace only"
+    )
+    assert result_set_label("full-something-new") == "full-something-new"  # a name it cannot read, as it is
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (installed by .ci/run)")
-def test_browser_erases_and_shows_both_images(served, tmp_path):
+def test_browser_follows_an_example_through_erase_and_inspect_and_shows_every_tab(served, tmp_path):
+    """A visitor's path: Inspect says no erasure has run; an example sets the concept it erases; an erasure with 3
+    steps (the tiny world's default is 2) leaves Inspect on that run, its step slider spanning those steps."""
     script = f"""
+import json
 from playwright.sync_api import sync_playwright
 with sync_playwright() as p:
     browser = p.chromium.launch(executable_path="{shutil.which("chromium")}", args=["--no-sandbox", "--disable-gpu"])
     page = browser.new_page(viewport={{"width": 1280, "height": 900}})
     page.goto("{served}")
+    page.get_by_role("tab", name="Inspect").click()
+    waiting = page.get_by_text("No erasure has run yet").is_visible()
+    page.get_by_role("tab", name="Erase").click()
+    page.get_by_text("zebra picture of a heart").first.click()
+    page.wait_for_function("() => document.querySelector('.token')?.innerText.trim() === 'heart'", timeout=10000)
+    concepts = page.locator(".token").all_inner_texts()
+    page.get_by_text("Sampling").click()
+    page.get_by_label("number input for Steps").fill("3")
+    page.get_by_label("number input for Steps").press("Enter")
     page.get_by_role("button", name="Erase", exact=True).click()
     page.wait_for_selector("text=images in", timeout=60000)
     page.wait_for_selector("text=” erased", timeout=60000)  # the neighbours, which follow the pair
     images = page.locator("img").count()
     page.screenshot(path="{tmp_path / "erase.png"}", full_page=True)
-    print(images)
+    page.get_by_role("tab", name="Inspect").click()
+    page.wait_for_selector("text=Peak activation", timeout=30000)  # the maps of the new run, shown unasked
+    step = page.locator("input[type=range][aria-label^='range slider for Step (']")
+    shown = {{"max": step.get_attribute("max"), "label": step.get_attribute("aria-label")}}
+    shown["waiting"] = page.get_by_text("No erasure has run yet").is_visible()
+    page.screenshot(path="{tmp_path / "inspect.png"}", full_page=True)
+    for tab in ("Neurons", "Metrics", "About"):
+        page.get_by_role("tab", name=tab).click()
+        page.wait_for_timeout(500)
+        page.screenshot(path=f"{tmp_path}/{{tab.lower()}}.png", full_page=True)
+    print(json.dumps({{"waiting_before": waiting, "concepts": concepts, "images": images, "inspect": shown}}))
     browser.close()
 """
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert int(result.stdout.strip().splitlines()[-1]) >= 5  # slider pair, three panes; then neighbours
-    assert (tmp_path / "erase.png").stat().st_size > 10_000
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    assert seen["waiting_before"] and seen["concepts"] == ["heart"]
+    assert seen["images"] >= 5  # the slider's pair, three panes; then the neighbours
+    assert seen["inspect"] == {
+        "max": "2",
+        "label": "range slider for Step (0 – 2, of the last run)",
+        "waiting": False,
+    }
+    for tab in ("erase", "inspect", "neurons", "metrics", "about"):
+        assert (tmp_path / f"{tab}.png").stat().st_size > 10_000, tab

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 from matplotlib.figure import Figure
@@ -13,6 +14,7 @@ from matplotlib.lines import Line2D
 
 from saemnesia.erase import METHODS
 from saemnesia.evaluate.metrics import KINDS, PAPER_AR, PAPER_TABLE, TABLE1_METRICS, mean_of_known
+from saemnesia.evaluate.protocol import PROTOCOLS, Protocol
 from saemnesia.evaluate.search import METHOD_NAMES, pipeline_label
 from saemnesia.worlds import World
 
@@ -37,6 +39,67 @@ def benchmark_results(world: World) -> dict | None:
     sets = result_sets(world)
     benchmark = next((sets[name] for name in BENCHMARK_PROTOCOLS if name in sets), None)
     return None if benchmark is None else json.loads(benchmark.read_text())
+
+
+PROTOCOL_ROLES = {"full": "the benchmark", "standard": "a lighter search", "quick": "a smoke test"}
+"""What each protocol's results are for, in a few words (`result_set_label`)."""
+
+
+def _seed_span(seeds: tuple[int, ...]) -> str:
+    return f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {seeds[0]}-{seeds[-1]}"
+
+
+def _scope(protocol: Protocol) -> str:
+    if protocol.objects_erased is None and protocol.styles_erased is None:
+        return "every object and style"
+    objects = "every object" if protocol.objects_erased is None else f"{protocol.objects_erased} objects"
+    styles = "every style" if protocol.styles_erased is None else f"{protocol.styles_erased} styles"
+    return f"{objects} and {styles}"
+
+
+def _heldout_words(seed: str, protocol: Protocol) -> str:
+    offset = int(seed) - protocol.heldout_seeds[0]
+    return f"the same tuning, reported on {_seed_span(tuple(s + offset for s in protocol.heldout_seeds))}"
+
+
+VARIANTS = (
+    (r"tuned-on-(\d+)-seeds", lambda match, protocol: f"tuned on {match[1]} seeds"),
+    (r"from-step-(\d+)", lambda match, protocol: f"edits from step {match[1]} on"),
+    (r"heldout-from-(\d+)", lambda match, protocol: _heldout_words(match[1], protocol)),
+    (r"ties-to-(\w+)", lambda match, protocol: f"ties go to the {match[1]}"),
+    (
+        r"plus-(.+?)(?=-(?:steer|replace|no-object-class)(?:-|$)|$)",
+        lambda match, protocol: f"objects erased at {', '.join(match[1].split('-'))} too",
+    ),
+    (r"(steer|replace)(?:-(steer|replace))?", lambda match, protocol: f"{match[0].replace('-', ' and ')} only"),
+    (r"no-object-class", lambda match, protocol: "scored by the classifier that can answer 'nothing'"),
+)
+"""Each name part the `evaluate` command (`cli.benchmark`) appends to a protocol's name for a variant, in its
+order, with what it means in plain words."""
+
+
+def result_set_label(name: str) -> str:
+    """A result set's name and what it is in plain words, read from the parts `evaluate` built the name of: its
+    protocol, then each way it differs (`full-heldout-from-70000`: the same tuning, reported on seeds 70000-70001).
+    A name it cannot read is returned as it is."""
+    base, _, rest = name.partition("-")
+    protocol = PROTOCOLS.get(base)
+    if protocol is None:
+        return name
+    if not rest:
+        return f"{name}: {PROTOCOL_ROLES.get(base, base)}, {_scope(protocol)}, {_seed_span(protocol.heldout_seeds)}"
+    words = []
+    while rest:
+        found = next(
+            ((match, describe) for pattern, describe in VARIANTS if (match := re.match(f"{pattern}(?=-|$)", rest))),
+            None,
+        )
+        if found is None:
+            return name
+        match, describe = found
+        words.append(describe(match, protocol))
+        rest = rest[match.end() :].removeprefix("-")
+    return f"{name}: {'; '.join(words)}"
 
 
 def _cell(value: float | None) -> str:
