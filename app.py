@@ -92,6 +92,7 @@ def load_results(world) -> dict:
 
 
 def build_app(studio: Studio, classifier=None) -> gr.Blocks:
+    """The whole page for `studio`'s world; `classifier` (MiniCanvas's) gives the verdicts and the live checks."""
     world = studio.world
     results = load_results(world)
     with gr.Blocks(title="SAEmnesia Studio") as app:

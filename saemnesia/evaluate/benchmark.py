@@ -321,6 +321,3 @@ def _summary(concepts: Mapping[str, dict]) -> dict:
             },
         }
     return summary
-
-
-# --- Reporting -----------------------------------------------------------------------------------

@@ -197,6 +197,3 @@ def _pair_grid(pairs: Sequence[tuple[Image.Image, Image.Image]], scale: int = 3)
         grid.paste(original.resize((width, height), Image.NEAREST), (0, row * height))
         grid.paste(erased.resize((width, height), Image.NEAREST), (width + scale * 2, row * height))
     return grid
-
-
-# --- The benchmark -------------------------------------------------------------------------------

@@ -221,6 +221,3 @@ def trials_of(protocol: Protocol, method: str, intervention: str, kind: str) -> 
 def planned_images(world: World, protocol: Protocol) -> int:
     """How many images `evaluate` makes for `world` under `protocol` with an empty cache."""
     return make_plan(world, protocol).images
-
-
-# --- Generating and judging, with the cache ------------------------------------------------------
