@@ -22,11 +22,15 @@ from torch import Tensor
 
 from saemnesia.erase import INTERVENTIONS, METHODS
 from saemnesia.evaluate import balanced_prompts, pipeline_key, pipeline_label, setting_or_default
+from saemnesia.minicanvas.artifacts import ARTIFACT_THRESHOLD, ArtifactDetector, artifact_probabilities
 from saemnesia.studio import Studio
 
 SEEDS = (60_000,)
 """A held-out seed of the benchmark: nothing is chosen here, only measured."""
 PROMPTS_PER_CONCEPT = 10
+HELDOUT_SEEDS = (60_000, 60_001)
+HELDOUT_PROMPTS = 20
+"""The full benchmark's held-out seeds and prompts naming the erased concept."""
 LOW, HIGH = 0.01, 0.99
 
 
@@ -112,8 +116,9 @@ def activation_drift(
                 hooks = studio.hooks(
                     [concept], method, setting.strength, 0, setting.features_per_step, True, intervention
                 )
+                hooks = [hook for hook in hooks if hook.block == block]
                 for hook in hooks:
-                    hook.keep_outputs = hook.block == block
+                    hook.keep_outputs = True
                 for seed in seeds:
                     result = studio.generate(prompts, hooks, seed)
                     parts.append(drift_of_pair(result.block_outputs[block], result.traces[block].edited, len(prompts)))
@@ -165,6 +170,48 @@ def plot_drift(report: Mapping[str, dict], samples: Mapping[str, dict[str, Tenso
         channels_axis.legend(fontsize=7)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
+
+
+@torch.no_grad()
+def heldout_artifact_rates(
+    studio: Studio,
+    detector: ArtifactDetector,
+    results: Mapping | None,
+    interventions: Sequence[str] = ("steer",),
+    kind: str = "object",
+    seeds: Sequence[int] = HELDOUT_SEEDS,
+    prompts_per_concept: int = HELDOUT_PROMPTS,
+) -> dict:
+    """AR on each concept's own held-out images, for each method at its tuned setting, beside the untouched
+    images of the same prompts and seeds (the floor): the benchmark's `ar` for result sets made before it
+    judged artifacts, on the same prompts and seeds as its held-out images of the erased concept."""
+    world = studio.world
+    counts: dict[str, list[int]] = {}
+    for concept in world.concepts_of(kind):
+        specs = balanced_prompts(world, [concept], prompts_per_concept)
+        for seed in seeds:
+            pipelines = [(method, intervention) for intervention in interventions for method in METHODS]
+            for index, (method, intervention) in enumerate(pipelines):
+                setting = setting_or_default(results, method, [concept], intervention)
+                hooks = studio.hooks(
+                    [concept], method, setting.strength, 0, setting.features_per_step, intervention=intervention
+                )
+                result = studio.generate([spec.text for spec in specs], hooks, seed, include_originals=index == 0)
+                groups = {pipeline_key(method, intervention): result.erased}
+                groups |= {"untouched": result.originals} if index == 0 else {}
+                for key, images in groups.items():
+                    called = [p >= ARTIFACT_THRESHOLD for p in artifact_probabilities(detector, images)]
+                    tally = counts.setdefault(key, [0, 0])
+                    tally[0] += sum(called)
+                    tally[1] += len(called)
+    return {
+        "world": world.name,
+        "kind": kind,
+        "seeds": list(seeds),
+        "prompts_per_concept": prompts_per_concept,
+        "ar": {key: round(100 * called / total, 2) for key, (called, total) in counts.items()},
+        "images": {key: total for key, (_, total) in counts.items()},
+    }
 
 
 def _cells(values: list[float] | None) -> str:

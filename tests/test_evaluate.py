@@ -344,7 +344,10 @@ def test_rerun_takes_every_image_from_the_cache(quick_run, monkeypatch):
     studio, classifier, folder, first = quick_run
     calls = []
     monkeypatch.setattr(Studio, "generate", lambda *args, **kwargs: calls.append(args))
-    again = evaluate(studio, classifier, QUICK, cache=folder / "cache.jsonl", progress=False)
+    detector = tiny_artifact_detector()
+    again = evaluate(
+        studio, classifier, QUICK, cache=folder / "cache.jsonl", progress=False, artifact_detector=detector
+    )
     assert calls == []
     assert again["images"] == {
         "planned": first["images"]["planned"],
@@ -372,7 +375,10 @@ def test_a_retrained_saemnesia_sae_remakes_only_saemnesia_images(quick_run, monk
         "hooks",
         lambda self, concepts, method, *a, **k: methods.append(method) or hooks(self, concepts, method, *a, **k),
     )
-    again = evaluate(changed, classifier, QUICK, cache=tmp_path / "cache.jsonl", progress=False)
+    detector = tiny_artifact_detector()
+    again = evaluate(
+        changed, classifier, QUICK, cache=tmp_path / "cache.jsonl", progress=False, artifact_detector=detector
+    )
     assert set(methods) == {"saemnesia"}  # the untouched model's and SAeUron's verdicts all came from the cache
     assert again["methods"]["saeuron"] == first["methods"]["saeuron"] and again["ceiling"] == first["ceiling"]
     assert 0 < again["images"]["generated"] < again["images"]["planned"]
@@ -389,7 +395,13 @@ def test_a_later_start_step_reaches_every_edit_and_keeps_its_verdicts_apart(quic
         return hooks(self, concepts, method, strength, start_step, *args, **kwargs)
 
     monkeypatch.setattr(Studio, "hooks", recording_hooks)
-    later = evaluate(studio, classifier, dataclasses.replace(QUICK, start_step=1), cache=tmp_path / "cache.jsonl")
+    later = evaluate(
+        studio,
+        classifier,
+        dataclasses.replace(QUICK, start_step=1),
+        cache=tmp_path / "cache.jsonl",
+        artifact_detector=tiny_artifact_detector(),
+    )
     assert starts and set(starts) == {1}  # no verdict of the step-0 run was taken for this one
     assert later["protocol"]["start_step"] == 1 and later["ceiling"] == first["ceiling"]
     assert 0 < later["images"]["generated"] < later["images"]["planned"]  # the untouched model's came from the cache
@@ -403,9 +415,22 @@ def test_evaluate_command_writes_results_from_a_warm_cache(quick_run, monkeypatc
     _, _, folder, first = quick_run
     monkeypatch.setattr(cli, "_load_studio", lambda args: tiny_studio())
     monkeypatch.setattr(classifier_module, "load_classifier", lambda folder, device: tiny_classifier())
+    monkeypatch.setattr(ArtifactDetector, "load", lambda folder, device: tiny_artifact_detector())
     monkeypatch.setattr(Studio, "generate", lambda *args, **kwargs: pytest.fail("nothing to generate"))
+    cache = str(folder / "cache.jsonl")
     cli.main(
-        ["evaluate", "--quick", "--out", str(tmp_path), "--cache", str(folder / "cache.jsonl"), "--classifier", "x"]
+        [
+            "evaluate",
+            "--quick",
+            "--out",
+            str(tmp_path),
+            "--cache",
+            cache,
+            "--classifier",
+            "x",
+            "--artifact-detector",
+            "y",
+        ]
     )
     written = json.loads(result_paths(tmp_path, "quick")["json"].read_text())
     assert written["settings"]["fingerprint"] == first["settings"]["fingerprint"]
@@ -418,7 +443,11 @@ def protocols_evaluated(monkeypatch, judge=None) -> list:
     seen = []
     monkeypatch.setattr(cli, "_load_studio", lambda args: tiny_studio())
     monkeypatch.setattr(classifier_module, "load_classifier", lambda folder, device: judge or tiny_classifier())
-    monkeypatch.setattr(evaluate_module, "evaluate", lambda studio, classifier, protocol, cache: seen.append(protocol))
+    monkeypatch.setattr(
+        evaluate_module,
+        "evaluate",
+        lambda studio, classifier, protocol, cache, artifact_detector: seen.append(protocol),
+    )
     monkeypatch.setattr(evaluate_module, "write_results", lambda results, out: {})
     monkeypatch.setattr(evaluate_module, "results_table", lambda results: "")
     return seen
@@ -455,7 +484,11 @@ def test_evaluate_command_erases_at_extra_blocks_under_its_own_name(monkeypatch,
     loaded, seen = [], []
     monkeypatch.setattr(Studio, "load", lambda world, **kwargs: loaded.append(kwargs["extra_blocks"]) or tiny_studio())
     monkeypatch.setattr(classifier_module, "load_classifier", lambda folder, device: tiny_classifier())
-    monkeypatch.setattr(evaluate_module, "evaluate", lambda studio, classifier, protocol, cache: seen.append(protocol))
+    monkeypatch.setattr(
+        evaluate_module,
+        "evaluate",
+        lambda studio, classifier, protocol, cache, artifact_detector: seen.append(protocol),
+    )
     monkeypatch.setattr(evaluate_module, "write_results", lambda results, out: {})
     monkeypatch.setattr(evaluate_module, "results_table", lambda results: "")
     extra = ["--extra-object-block", "mid_block.attentions.0", "--extra-object-block", "up_blocks.0.attentions.1"]
@@ -560,15 +593,17 @@ def test_generate_defaults_to_the_benchmarks_tuned_strength(monkeypatch, tmp_pat
 
     def generate_settings(*extra: str) -> dict:
         out = tmp_path / "out"
-        cli.main(["generate", "--prompt=a star in ocean style", "--erase=star", "--steps=1", f"--out={out}", *extra])
+        command = ["generate", "--prompt=a star in ocean style", "--erase=star", "--steps=1", f"--out={out}"]
+        cli.main([*command, *extra])
         return json.loads((out / "settings.json").read_text())["erasures"][0]
 
-    assert generate_settings()["strength"] == DEFAULT_STRENGTH  # a world without results
+    assert generate_settings()["intervention"] == "replace"  # the default: no strength to tune
+    assert generate_settings("--intervention=steer")["strength"] == DEFAULT_STRENGTH  # a world without results
     studio.world = dataclasses.replace(studio.world, assets=tmp_path / "assets")
     tuned = {"chosen": {"strength": -0.3, "features_per_step": 1}}
     results = {"methods": {"saemnesia": {"concepts": {"star": tuned}}}}
     quick_results = result_paths(tmp_path / "assets" / "results", "quick")["json"]
     quick_results.parent.mkdir(parents=True)
     quick_results.write_text(json.dumps(results))
-    assert generate_settings()["strength"] == -0.3
-    assert generate_settings("--strength=-2")["strength"] == -2.0
+    assert generate_settings("--intervention=steer")["strength"] == -0.3
+    assert generate_settings("--intervention=steer", "--strength=-2")["strength"] == -2.0

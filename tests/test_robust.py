@@ -186,8 +186,8 @@ class Doors:
         so those go raw to the REST route, as a hostile client would send them."""
         settings = {**GOOD, **changes}
         settings["method"] = API_METHOD.get(settings["method"], settings["method"])
-        # GOOD is in the endpoint's order; then 1 latent per step and the same strength for SAeUron
-        values = [*settings.values(), 1, settings["strength"]]
+        # GOOD is in the endpoint's order; then 1 latent per step, the same strength for SAeUron, and steer
+        values = [*settings.values(), 1, settings["strength"], "Steer"]
         if any(isinstance(value, float) and not math.isfinite(value) for value in values):
             call = f"{self.url}gradio_api/call/erase"
             event = httpx.post(call, content=json.dumps({"data": values}), headers={"content-type": "application/json"})

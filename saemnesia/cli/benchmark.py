@@ -64,10 +64,13 @@ def _artifact_detector(args: argparse.Namespace, studio):
     """The artifact detector `--artifact-detector` names, else the world's; None if the world ships none."""
     from saemnesia.minicanvas.artifacts import ArtifactDetector
 
-    folder = Path(args.artifact_detector) if args.artifact_detector else studio.world.assets / "artifact-detector"
-    if not args.artifact_detector and not folder.is_dir():
-        logging.warning("No artifact detector in %s: results without AR.", folder)
+    if args.artifact_detector:
+        folder = Path(args.artifact_detector)
+    elif studio.world.assets is None or not (studio.world.assets / "artifact-detector").is_dir():
+        logging.warning("No artifact detector in this world's assets: results without AR.")
         return None
+    else:
+        folder = studio.world.assets / "artifact-detector"
     return ArtifactDetector.load(folder, device=studio.pipeline.device)
 
 
@@ -103,6 +106,23 @@ def _drift(args: argparse.Namespace) -> None:
     paths = write_drift(drift, out)
     print(drift_table(drift))
     print("\n".join(f"{name}: {path}" for name, path in {**paths, "plot": out / "drift.png"}.items()))
+
+
+def _artifact_rates(args: argparse.Namespace) -> None:
+    import json
+
+    from saemnesia.drift import heldout_artifact_rates
+
+    _check_evaluation_file(args)
+    studio = load_studio(args)
+    detector = _artifact_detector(args, studio)
+    if detector is None:
+        raise SystemExit("artifact-rates needs an artifact detector: train one (`train-artifact-detector`).")
+    rates = heldout_artifact_rates(studio, detector, _evaluation_results(args, studio), args.interventions, args.kind)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rates, indent=1) + "\n")
+    print(json.dumps(rates, indent=1))
 
 
 def _compare_replacements(args: argparse.Namespace) -> None:
@@ -273,6 +293,19 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )
     drift.add_argument("--out", default="assets/minicanvas/results", help="folder for drift.json, drift.md, drift.png")
     drift.set_defaults(run=_drift)
+
+    rates = commands.add_parser(
+        "artifact-rates", help="AR on each concept's own held-out images at the tuned settings, beside the untouched"
+    )
+    add_world_arguments(rates)
+    rates.add_argument("--kind", choices=["object", "style"], default="object")
+    rates.add_argument("--interventions", nargs="+", choices=["steer", "replace"], default=["steer"])
+    rates.add_argument("--artifact-detector", help="detector folder (default: the world's artifact-detector)")
+    rates.add_argument(
+        "--evaluation", help="`evaluate` results whose tuned settings to use (default: the world's, full run first)"
+    )
+    rates.add_argument("--out", default="assets/minicanvas/results/artifact-rates.json")
+    rates.set_defaults(run=_artifact_rates)
 
     rules = commands.add_parser(
         "compare-replacements", help="the replace rules PER leaves open, side by side on the tuning seed (UA/IRA/CRA)"
