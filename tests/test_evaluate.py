@@ -283,7 +283,7 @@ def test_quick_mode_measures_replace_with_no_strength_search_and_ar_on_every_row
         assert [step["erased"] for step in entry["sequential"]] == [["circle"], ["circle", "square"]]
     table = results_table(results)
     assert "| SAEmnesia + replace | objects |" in table and "| SAeUron + replace | styles |" in table
-    assert "0 trials a concept (latent counts (replace scales nothing))" in table
+    assert "0 trials a concept (latent counts; replace scales nothing)" in table
 
 
 def test_quick_mode_tunes_on_tuning_seeds_and_reports_on_heldout_ones(quick_run):

@@ -145,7 +145,7 @@ def results_table(results: dict) -> str:
     for key in pipelines:
         entry = search[key]
         grid = entry["strengths"]["object"]
-        what = "strengths" if grid else "latent counts (replace scales nothing)"
+        what = "strengths" if grid else "latent counts; replace scales nothing"
         lines.append(
             f"- {pipeline_label(key)}: {entry['trials_per_concept']:g} trials a concept ({what}), "
             f"{entry['trials']} in all, {entry['images']} images, {entry['seconds']:.0f} s"
@@ -273,13 +273,17 @@ def result_paths(out: Path, protocol_name: str) -> dict[str, Path]:
 
 
 def write_results(results: dict, out: Path) -> dict[str, Path]:
-    """The JSON (written atomically, for the app), the markdown table and the two plots, under `out`."""
+    """The JSON (written atomically, for the app), the markdown table and the two plots, under `out`; the
+    strength curves only where a method searched strengths (not for `replace` alone)."""
     paths = result_paths(out, results["protocol"]["name"])
     out.mkdir(parents=True, exist_ok=True)
     temporary = paths["json"].with_name(paths["json"].name + ".tmp")
     temporary.write_text(json.dumps(results, indent=1) + "\n")
     os.replace(temporary, paths["json"])
     paths["table"].write_text(results_table(results))
-    plot_strength_curves(results, paths["strength_curves"])
+    if any(method in results["methods"] for method in METHODS):
+        plot_strength_curves(results, paths["strength_curves"])
+    else:
+        del paths["strength_curves"]
     plot_sequential(results, paths["sequential"])
     return paths
