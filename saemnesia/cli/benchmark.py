@@ -74,6 +74,12 @@ def _artifact_detector(args: argparse.Namespace, studio):
     return ArtifactDetector.load(folder, device=studio.pipeline.device)
 
 
+def _add_evaluation_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--evaluation", help="`evaluate` results whose tuned settings to use (default: the world's, full run first)"
+    )
+
+
 def _check_evaluation_file(args: argparse.Namespace) -> None:
     """Before any model loads: `--evaluation`, if given, must be a file."""
     if args.evaluation and not Path(args.evaluation).is_file():
@@ -235,9 +241,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     coverage.add_argument("--method", choices=["saemnesia", "saeuron"], default="saemnesia")
     coverage.add_argument("--kind", choices=["object", "style"], default="object")
     coverage.add_argument("--grid", help="PNG of the survivors: original | erased, one a row")
-    coverage.add_argument(
-        "--evaluation", help="`evaluate` results whose tuned settings to use (default: the world's, full run first)"
-    )
+    _add_evaluation_argument(coverage)
     coverage.set_defaults(run=_edit_coverage)
 
     evaluate = commands.add_parser(
@@ -288,9 +292,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     drift.add_argument("--kind", choices=["object", "style"], default="object")
     drift.add_argument("--seeds", type=int, nargs="+", default=[60_000])
     drift.add_argument("--prompts", type=int, default=10, help="prompts naming each erased concept")
-    drift.add_argument(
-        "--evaluation", help="`evaluate` results whose tuned settings to use (default: the world's, full run first)"
-    )
+    _add_evaluation_argument(drift)
     drift.add_argument("--out", default="assets/minicanvas/results", help="folder for drift.json, drift.md, drift.png")
     drift.set_defaults(run=_drift)
 
@@ -301,9 +303,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     rates.add_argument("--kind", choices=["object", "style"], default="object")
     rates.add_argument("--interventions", nargs="+", choices=["steer", "replace"], default=["steer"])
     rates.add_argument("--artifact-detector", help="detector folder (default: the world's artifact-detector)")
-    rates.add_argument(
-        "--evaluation", help="`evaluate` results whose tuned settings to use (default: the world's, full run first)"
-    )
+    _add_evaluation_argument(rates)
     rates.add_argument("--out", default="assets/minicanvas/results/artifact-rates.json")
     rates.set_defaults(run=_artifact_rates)
 
@@ -344,9 +344,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     attack.add_argument("--candidates", type=int, default=8, help="words tried per iteration")
     attack.add_argument("--seeds", type=int, nargs="+", default=[60_000, 60_001], help="noise seeds, the cases")
     attack.add_argument("--seed", type=int, default=0, help="the search's random draws")
-    attack.add_argument(
-        "--evaluation", help="`evaluate` results with tuned strengths (default: the world's, full run first)"
-    )
+    _add_evaluation_argument(attack)
     attack.add_argument("--strength", type=float, default=-10.0, help="for concepts without a tuned strength")
     attack.add_argument("--features-per-step", type=int, default=1, help="SAeUron, without a tuned setting")
     attack.add_argument("--out", default="assets/minicanvas/results/attack.json", help="the JSON; attack.md beside")
