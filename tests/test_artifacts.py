@@ -11,20 +11,17 @@ from saemnesia.cli import main
 from saemnesia.minicanvas import artifacts, data
 from saemnesia.minicanvas.artifacts import (
     ARTIFACT_THRESHOLD,
-    CORRUPTIONS,
-    MIN_CHANGE,
     ArtifactDetector,
     ArtifactDetectorConfig,
     ArtifactDetectorLoadError,
     artifact_probabilities,
     artifact_rate,
-    colour_noise,
-    corrupt,
     rate_summary,
     tensor_to_pil,
     train_detector,
     untouched_generations,
 )
+from saemnesia.minicanvas.corruptions import CORRUPTIONS, MIN_CHANGE, colour_noise, corrupt
 from saemnesia.worlds import ASSETS, MINICANVAS
 
 SHIPPED = ASSETS / "minicanvas" / "artifact-detector"
