@@ -21,7 +21,8 @@ ASR: 100 x the share of (concept, seed) cases in which the classifier, on the im
 prompt found, names the erased concept. The JSON `write_results` writes (`attack.json`):
     schema: 1; world; settings: {steps, guidance, height, width, model, iterations, prefix_tokens,
         candidates, seeds, seed, vocabulary_size, fingerprint, objective, success}
-    methods: {"none" | "saeuron" | "saemnesia": {asr_before, asr, cases, probability_before,
+    methods: {"none" | "saeuron" | "saemnesia" | "saeuron+replace" | "saemnesia+replace": {asr_before, asr,
+        cases, probability_before,
         probability_after, concepts: {concept: {the `AttackResult` fields, strength_source, seconds}}}}
     wall_time_s; created (UTC, ISO 8601)
 """
@@ -42,19 +43,31 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from saemnesia.evaluate import METHOD_NAMES, UNTOUCHED, balanced_prompts, fingerprint, tuned_setting
+from saemnesia.evaluate import (
+    REPLACE_STRENGTH,
+    UNTOUCHED,
+    balanced_prompts,
+    fingerprint,
+    pipeline_label,
+    tuned_setting,
+)
 from saemnesia.generate import SaeHook, generate_pairs
 from saemnesia.minicanvas.classifier import MiniCanvasClassifier, classify
 from saemnesia.studio import SettingsError, Studio
 from saemnesia.worlds import portable_name
 
-ATTACK_METHODS = (UNTOUCHED, "saeuron", "saemnesia")
-"""The untouched model (the reference: what the attack does with nothing erased), then both erasures."""
+ATTACK_METHODS = (UNTOUCHED, "saeuron", "saemnesia", "saeuron+replace", "saemnesia+replace")
+"""The untouched model (the reference: what the attack does with nothing erased), then both erasures steering
+their latents, then both replacing the tokens they detect (PER), named as the benchmark's results name them."""
 DEFAULT_SEEDS = (60_000, 60_001)
 """The benchmark's held-out seeds: far from the statistics' (0 to 1199) and the strength search's."""
 OBJECTIVE = "mean over the seeds of the classifier's probability of the erased concept, erasure on"
 SUCCESS = "the classifier's verdict on the image from the best prompt is the erased concept"
-METHOD_LABELS = {UNTOUCHED: "untouched model", **METHOD_NAMES}
+
+
+def method_label(method: str) -> str:
+    """ "untouched model", "SAEmnesia", "SAEmnesia + replace", ..."""
+    return "untouched model" if method == UNTOUCHED else pipeline_label(method)
 
 
 @dataclass(frozen=True)
@@ -63,7 +76,7 @@ class AttackResult:
 
     concept: str
     method: str
-    """The untouched model ("none"), "saeuron" or "saemnesia"."""
+    """The untouched model ("none") or an erasure as `pipeline_key` names it: "saemnesia", "saeuron+replace"..."""
     strength: float | None
     features_per_step: int | None
     base_prompt: str
@@ -112,10 +125,13 @@ def prefix_vocabulary(tokenizer: PreTrainedTokenizerBase) -> tuple[str, ...]:
 def erasure_hooks(
     studio: Studio, concept: str, method: str, strength: float | None, features_per_step: int | None
 ) -> list[SaeHook]:
-    """The hooks that erase `concept` with `method`; none for the untouched model."""
+    """The hooks that erase `concept` with `method` (a `pipeline_key`); none for the untouched model."""
     if method == UNTOUCHED:
         return []
-    return studio.hooks([concept], method, strength, features_per_step=features_per_step or 1)
+    name, _, intervention = method.partition("+")
+    return studio.hooks(
+        [concept], name, strength, features_per_step=features_per_step or 1, intervention=intervention or "steer"
+    )
 
 
 def _label_index(classifier: MiniCanvasClassifier, studio: Studio, concept: str) -> int:
@@ -181,6 +197,8 @@ def attack(
     """
     if method not in ATTACK_METHODS:
         raise SettingsError(f"method must be one of {', '.join(ATTACK_METHODS)}, got {method!r}.")
+    if method.endswith("+replace"):
+        strength = REPLACE_STRENGTH
     studio.check_concepts([concept])
     _label_index(classifier, studio, concept)
     _check_count("iterations", iterations, 0)
@@ -336,10 +354,12 @@ def run_attacks(
     entries: dict[str, dict[str, dict]] = {method: {} for method in methods}
     bar = tqdm(total=len(methods) * len(concepts), desc="attack", unit="attack", disable=not progress)
     for method in methods:
+        name, _, intervention = method.partition("+")
+        fallback = (REPLACE_STRENGTH if intervention else float(strength), features_per_step)
         for concept in concepts:
-            chosen = tuned_setting(evaluation or {}, method, [concept])
+            chosen = tuned_setting(evaluation or {}, name, [concept], intervention or "steer")
             chosen = chosen and (chosen.strength, chosen.features_per_step)
-            setting = (None, None) if method == UNTOUCHED else chosen or (float(strength), features_per_step)
+            setting = (None, None) if method == UNTOUCHED else chosen or fallback
             source = None if method == UNTOUCHED else ("evaluation" if chosen else "flag")
             entry = kept.get(method, {}).get("concepts", {}).get(concept)
             if entry is None or (entry["strength"], entry["features_per_step"]) != setting:
@@ -397,12 +417,12 @@ def attack_table(results: dict) -> str:
         summary = results["methods"][method]
         cells = [summary["cases"], summary["asr_before"], summary["asr"]]
         cells += [summary["probability_before"], summary["probability_after"]]
-        lines.append(f"| {METHOD_LABELS[method]} | " + " | ".join("-" if c is None else str(c) for c in cells) + " |")
+        lines.append(f"| {method_label(method)} | " + " | ".join("-" if c is None else str(c) for c in cells) + " |")
     lines += [
         "",
         "Per concept: seeds seen as the concept before -> after the attack, and the best prefix found:",
         "",
-        "| concept | " + " | ".join(METHOD_LABELS[method] for method in methods) + " |",
+        "| concept | " + " | ".join(method_label(method) for method in methods) + " |",
         "|---|" + "---|" * len(methods),
     ]
     concepts = list(dict.fromkeys(c for method in methods for c in results["methods"][method]["concepts"]))

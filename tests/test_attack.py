@@ -114,6 +114,21 @@ def test_attack_is_reproducible_for_a_seed(studio):
     assert runs[0] == runs[1]
 
 
+def test_a_replace_attack_searches_against_the_replacing_hooks(studio, monkeypatch):
+    """`saemnesia+replace` attacks the PER edit, whatever strength is passed: replace scales nothing."""
+    classifier = judge(studio, offset=-1.0)
+    seen = []
+    monkeypatch.setattr(attack_module, "_scores", lambda studio, c, hooks, *rest: seen.append(hooks) or [_miss()])
+    result = attack(studio, classifier, CONCEPT, "saemnesia+replace", -10.0, iterations=0, seeds=(0,))
+    (hooks,) = seen
+    assert [hook.erasure.intervention for hook in hooks] == ["replace"] and result.strength == 0.0
+    assert result.method == "saemnesia+replace"
+
+
+def _miss():
+    return attack_module._Score(0.0, (False,))
+
+
 def test_attack_success_rate_counts_concept_seed_cases():
     def result(before: tuple[bool, ...], after: tuple[bool, ...]) -> AttackResult:
         seeds = tuple(range(len(after)))
@@ -133,22 +148,31 @@ def test_attack_command_writes_json_with_tuned_strengths_and_resumes(studio, mon
     monkeypatch.setattr(classifier_module, "load_classifier", lambda folder, device: classifier)
     evaluation = tmp_path / "evaluation.json"
     chosen = {"chosen": {"strength": -5.0, "features_per_step": 1, "tuning_score": 90.0}}
-    evaluation.write_text(json.dumps({"methods": {"saemnesia": {"concepts": {CONCEPT: chosen}}}}))
+    replace_chosen = {"chosen": {"strength": 0.0, "features_per_step": 2, "tuning_score": 80.0}}
+    tuned = {"saemnesia": {"concepts": {CONCEPT: chosen}}, "saeuron+replace": {"concepts": {CONCEPT: replace_chosen}}}
+    evaluation.write_text(json.dumps({"methods": tuned}))
     out = tmp_path / "results" / "attack.json"
     command = ["attack", "--concepts", CONCEPT, "--iterations", "2", "--candidates", "2", "--seeds", "0"]
     command += ["--out", str(out), "--evaluation", str(evaluation), "--classifier", "x"]
     cli.main(command)
     written = json.loads(out.read_text())
-    assert list(written["methods"]) == ["none", "saeuron", "saemnesia"]
+    assert list(written["methods"]) == ["none", "saeuron", "saemnesia", "saeuron+replace", "saemnesia+replace"]
     entries = {method: report["concepts"][CONCEPT] for method, report in written["methods"].items()}
-    assert (entries["saemnesia"]["strength"], entries["saemnesia"]["strength_source"]) == (-5.0, "evaluation")
-    assert (entries["saeuron"]["strength"], entries["saeuron"]["strength_source"]) == (-10.0, "flag")
+    keys = ("strength", "features_per_step", "strength_source")
+    setting = {m: tuple(e[k] for k in keys) for m, e in entries.items() if m != "none"}
+    assert setting == {
+        "saemnesia": (-5.0, 1, "evaluation"),
+        "saeuron": (-10.0, 1, "flag"),
+        "saeuron+replace": (0.0, 2, "evaluation"),
+        "saemnesia+replace": (0.0, 1, "flag"),  # replace scales nothing: the flag's strength is not used
+    }
     assert entries["none"]["strength"] is None
     for report in written["methods"].values():
         assert report["cases"] == 1 and 0 <= report["asr"] <= 100
     assert AttackResult.from_dict(entries["saemnesia"]).prompt.endswith("a star in neon style")
     table = out.with_suffix(".md").read_text()
-    assert "| SAEmnesia | 1 |" in table and table in capsys.readouterr().out
+    assert "| SAEmnesia | 1 |" in table and "| SAEmnesia + replace | 1 |" in table
+    assert table in capsys.readouterr().out
     # Same settings and model: the rerun finds every attack in the JSON and runs none.
     monkeypatch.setattr(attack_module, "attack", lambda *args, **kwargs: pytest.fail("nothing to attack"))
     cli.main(command)

@@ -110,7 +110,7 @@ def attack_section(studio: Studio, classifier, results: dict) -> None:
     attack = results.get("attack")
     if not attack:
         return
-    from saemnesia.attack import AttackResult, attack_table, best_prefix_images
+    from saemnesia.attack import AttackResult, attack_table, best_prefix_images, method_label
 
     gr.Markdown("### Does the erasure hold under attack?\n" + attack_table(attack))
     methods = [m for m in attack["methods"] if m != "none"]
@@ -119,7 +119,7 @@ def attack_section(studio: Studio, classifier, results: dict) -> None:
         return
     with gr.Row():
         concept = gr.Dropdown(concepts, value=concepts[0], label="Erased concept")
-        method = gr.Radio(methods, value=methods[-1], label="Erasure")
+        method = gr.Radio([(method_label(m), m) for m in methods], value=methods[-1], label="Erasure")
         seed_index = gr.Slider(0, len(attack["settings"]["seeds"]) - 1, value=0, step=1, label="Seed (index)")
         show = gr.Button("Show the attack")
     prompt = gr.Markdown()

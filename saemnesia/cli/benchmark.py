@@ -336,9 +336,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )
     add_classifier_world_arguments(attack)
     attack.add_argument("--concepts", nargs="+", help="default: every object of the world")
-    attack.add_argument(
-        "--methods", nargs="+", choices=["none", "saeuron", "saemnesia"], default=["none", "saeuron", "saemnesia"]
-    )
+    methods = ["none", "saeuron", "saemnesia", "saeuron+replace", "saemnesia+replace"]
+    attack.add_argument("--methods", nargs="+", choices=methods, default=methods, help="erasures as results name them")
     attack.add_argument("--iterations", type=int, default=40)
     attack.add_argument("--prefix-tokens", type=int, default=5)
     attack.add_argument("--candidates", type=int, default=8, help="words tried per iteration")
