@@ -3,7 +3,9 @@ measured side by side on the benchmark's tuning prompts and seed, so the choice 
 
 For each rule, every concept of a kind is erased on its tuning prompts (those naming it, for UA and the
 other kind kept, then those naming others of its kind, for IRA); the conditional half's detection is
-recorded to say how often a map detects nothing, everything, and how much of it on average.
+recorded to say how often a map detects nothing, everything, and how much of it on average. With an
+artifact detector, each rule's artifact rate on the erased concepts' own images (AR) is measured as well,
+so a rule that erases more by damaging the picture shows it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import torch
 
 from saemnesia.erase import PER_RULE, ReplaceRule
 from saemnesia.evaluate import FULL, Judged, Protocol, erasure_metrics, erasure_prompts
+from saemnesia.evaluate.metrics import mean_of_known
+from saemnesia.minicanvas.artifacts import ARTIFACT_THRESHOLD, ArtifactDetector, artifact_probabilities
 from saemnesia.minicanvas.classifier import MiniCanvasClassifier, classify
 from saemnesia.studio import Studio
 
@@ -29,6 +33,8 @@ RULES = {
     "sticky + fallback, mask dilated": ReplaceRule(dilate=True),
 }
 """Named rules to compare; the default is `erase.PER_RULE`."""
+RULE_METRICS = ("ua", "ira", "cra", "cra_erased", "ar", "ar_others")
+DETECTION_SHARES = ("maps_detecting_nothing", "maps_detecting_everything", "tokens_detected")
 
 
 @torch.no_grad()
@@ -39,9 +45,11 @@ def compare_replace_rules(
     method: str = "saemnesia",
     kind: str = "object",
     protocol: Protocol = FULL,
+    artifact_detector: ArtifactDetector | None = None,
 ) -> dict:
     """UA / IRA / CRA (and CRA on the erased concept's own images) of each rule, over every concept of `kind`,
-    with the conditional half's detection shares, on `protocol`'s tuning seeds and prompts."""
+    with the conditional half's detection shares, on `protocol`'s tuning seeds and prompts; with
+    `artifact_detector`, AR on the erased concept's images and on the others' too (else None)."""
     world = studio.world
     concepts = world.concepts_of(kind)
     report = {}
@@ -58,17 +66,18 @@ def compare_replace_rules(
                 everything.append(float(detected.all(-1).float().mean()))
                 shares.append(float(detected.float().mean()))
                 verdicts = classify(classifier, result.erased)
+                artifacts = [None] * len(specs)
+                if artifact_detector is not None:
+                    probabilities = artifact_probabilities(artifact_detector, result.erased)
+                    artifacts = [p >= ARTIFACT_THRESHOLD for p in probabilities]
                 judged += [
-                    Judged(spec.text, seed, spec.object, spec.style, v.object, v.style)
-                    for spec, v in zip(specs, verdicts)
+                    Judged(spec.text, seed, spec.object, spec.style, v.object, v.style, artifact)
+                    for spec, v, artifact in zip(specs, verdicts, artifacts)
                 ]
             metrics.append(erasure_metrics(judged, [concept], kind, len(concepts)))
         report[name] = {
             "rule": rule.__dict__,
-            **{
-                metric: round(sum(getattr(m, metric) for m in metrics) / len(metrics), 2)
-                for metric in ("ua", "ira", "cra", "cra_erased")
-            },
+            **{metric: _mean([getattr(m, metric) for m in metrics]) for metric in RULE_METRICS},
             "maps_detecting_nothing": round(100 * sum(nothing) / len(nothing), 1),
             "maps_detecting_everything": round(100 * sum(everything) / len(everything), 1),
             "tokens_detected": round(100 * sum(shares) / len(shares), 1),
@@ -84,20 +93,24 @@ def compare_replace_rules(
     }
 
 
+def _mean(values: list[float | None]) -> float | None:
+    mean = mean_of_known(values)
+    return None if mean is None else round(mean, 2)
+
+
 def rules_table(comparison: Mapping) -> str:
     """Markdown: one row per rule."""
     lines = [
         f"Replace rules, {comparison['method']} erasing {comparison['kind']}s at {comparison['block']} (tuning seeds "
         f"{', '.join(map(str, comparison['seeds']))}; detection on the conditional half, every step)",
         "",
-        "| rule | UA | IRA | CRA | CRA on the erased concept's images | maps detecting nothing (%) "
-        "| maps detecting every token (%) | tokens detected (%) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| rule | UA | IRA | CRA | CRA on the erased concept's images | AR | AR on the others' images "
+        "| maps detecting nothing (%) | maps detecting every token (%) | tokens detected (%) |",
+        "|---|" + "---:|" * 9,
     ]
     for name, row in comparison["rules"].items():
-        cells = [row[key] for key in ("ua", "ira", "cra", "cra_erased")]
-        cells += [row[key] for key in ("maps_detecting_nothing", "maps_detecting_everything", "tokens_detected")]
-        lines.append(f"| {name} | " + " | ".join(f"{value:.1f}" for value in cells) + " |")
+        cells = [row.get(key) for key in (*RULE_METRICS, *DETECTION_SHARES)]
+        lines.append(f"| {name} | " + " | ".join("-" if value is None else f"{value:.1f}" for value in cells) + " |")
     return "\n".join(lines) + "\n"
 
 

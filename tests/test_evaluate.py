@@ -47,6 +47,7 @@ from saemnesia.generate import sampler_timesteps
 from saemnesia.minicanvas import classifier as classifier_module
 from saemnesia.minicanvas.artifacts import ArtifactDetector, ArtifactDetectorConfig
 from saemnesia.minicanvas.classifier import NO_OBJECT, ClassifierConfig, MiniCanvasClassifier
+from saemnesia.replace_rules import DETECTION_SHARES, RULE_METRICS, RULES, compare_replace_rules, write_comparison
 from saemnesia.studio import SaeBundle, Studio
 from saemnesia.worlds import MINICANVAS
 
@@ -607,3 +608,22 @@ def test_generate_defaults_to_the_benchmarks_tuned_strength(monkeypatch, tmp_pat
     quick_results.write_text(json.dumps(results))
     assert generate_settings("--intervention=steer")["strength"] == -0.3
     assert generate_settings("--intervention=steer", "--strength=-2")["strength"] == -2.0
+
+
+def test_compare_replacements_measures_each_rule_with_its_artifact_rate(tmp_path):
+    """The rules' table on a tiny world: every metric for every rule, AR from the detector, and without one
+    a table that says AR was not measured instead of inventing it."""
+    studio, classifier, detector = tiny_studio(), tiny_classifier(), tiny_artifact_detector()
+    quick = dataclasses.replace(QUICK, tuning_concept_prompts=2, tuning_other_prompts=2)
+    names = ("nearest (PER as written)", "nearest + sticky + unconditional fallback (default)")
+    rules = {name: RULES[name] for name in names}
+    measured = compare_replace_rules(studio, classifier, rules, protocol=quick, artifact_detector=detector)
+    assert list(measured["rules"]) == list(rules)
+    for row in measured["rules"].values():
+        for key in (*RULE_METRICS, *DETECTION_SHARES):
+            assert row[key] is not None and 0 <= row[key] <= 100, key
+    unjudged = compare_replace_rules(studio, classifier, rules, protocol=quick)
+    assert all(row["ar"] is None for row in unjudged["rules"].values())
+    paths = write_comparison(unjudged, tmp_path)
+    table = paths["table"].read_text()
+    assert "| AR |" in table and table.count("| - | - |") == len(rules)

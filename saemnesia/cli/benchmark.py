@@ -141,7 +141,8 @@ def _compare_replacements(args: argparse.Namespace) -> None:
     studio = load_studio(args)
     classifier = load_classifier(args.classifier or studio.world.assets / "classifier", device=studio.pipeline.device)
     rules = {name: RULES[name] for name in args.rules} if args.rules else RULES
-    comparison = compare_replace_rules(studio, classifier, rules, args.method, args.kind)
+    detector = None if args.no_artifacts else _artifact_detector(args, studio)
+    comparison = compare_replace_rules(studio, classifier, rules, args.method, args.kind, artifact_detector=detector)
     paths = write_comparison(comparison, Path(args.out))
     print(rules_table(comparison))
     print("\n".join(f"{name}: {path}" for name, path in paths.items()))
@@ -308,12 +309,14 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     rates.set_defaults(run=_artifact_rates)
 
     rules = commands.add_parser(
-        "compare-replacements", help="the replace rules PER leaves open, side by side on the tuning seed (UA/IRA/CRA)"
+        "compare-replacements", help="the replace rules PER leaves open, side by side on the tuning seed (UA to AR)"
     )
     add_classifier_world_arguments(rules)
     rules.add_argument("--method", choices=["saemnesia", "saeuron"], default="saemnesia")
     rules.add_argument("--kind", choices=["object", "style"], default="object")
     rules.add_argument("--rules", nargs="+", metavar="NAME", help="default: every rule of `replace_rules.RULES`")
+    rules.add_argument("--artifact-detector", help="detector folder for AR (default: the world's artifact-detector)")
+    rules.add_argument("--no-artifacts", action="store_true", help="judge no image for artifacts (no AR)")
     rules.add_argument("--out", default="assets/minicanvas/results", help="folder for replace-rules.json and .md")
     rules.set_defaults(run=_compare_replacements)
 
