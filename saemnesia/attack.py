@@ -322,7 +322,9 @@ def run_attacks(
 
     Each erasure uses the concept's tuned setting from the `evaluate` results `evaluation` where present,
     else `strength` and `features_per_step`. With `out`, the JSON is rewritten after every attack, and a
-    rerun with the same settings and model keeps the attacks it finds there.
+    rerun with the same settings and model keeps the attacks it finds there, those of methods it was not
+    asked to run included: methods tuned by different `evaluate` runs can be attacked one run each into
+    one file.
     """
     began = time.time()
     concepts = studio.check_concepts(list(concepts))
@@ -351,6 +353,7 @@ def run_attacks(
     }
     previous = json.loads(out.read_text()) if out is not None and out.is_file() else {}
     kept = previous.get("methods", {}) if previous.get("settings") == settings else {}
+    others = {method: kept[method]["concepts"] for method in ATTACK_METHODS if method in kept and method not in methods}
     entries: dict[str, dict[str, dict]] = {method: {} for method in methods}
     bar = tqdm(total=len(methods) * len(concepts), desc="attack", unit="attack", disable=not progress)
     for method in methods:
@@ -386,11 +389,12 @@ def run_attacks(
                 }
             entries[method][concept] = entry
             bar.update()
+            every = {**others, **entries}
             results = {
                 "schema": 1,
                 "world": world.name,
                 "settings": settings,
-                "methods": {name: _summary(method_entries) for name, method_entries in entries.items()},
+                "methods": {name: _summary(every[name]) for name in ATTACK_METHODS if name in every},
                 "wall_time_s": round(time.time() - began, 2),
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             }

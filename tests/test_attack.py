@@ -174,9 +174,16 @@ def test_attack_command_writes_json_with_tuned_strengths_and_resumes(studio, mon
     assert "| SAEmnesia | 1 |" in table and "| SAEmnesia + replace | 1 |" in table
     assert table in capsys.readouterr().out
     # Same settings and model: the rerun finds every attack in the JSON and runs none.
+    real_attack = attack_module.attack
     monkeypatch.setattr(attack_module, "attack", lambda *args, **kwargs: pytest.fail("nothing to attack"))
     cli.main(command)
     assert json.loads(out.read_text())["methods"] == written["methods"]
+    # Attacking one method again, tuned elsewhere, keeps the others' attacks in the file.
+    monkeypatch.setattr(attack_module, "attack", real_attack)
+    cli.main([*command[:-4], "--classifier", "x", "--methods", "saemnesia", "--strength", "-3"])
+    rerun = json.loads(out.read_text())["methods"]
+    assert list(rerun) == list(written["methods"]) and rerun["saeuron+replace"] == written["methods"]["saeuron+replace"]
+    assert rerun["saemnesia"]["concepts"][CONCEPT]["strength"] == -3.0
 
 
 def test_attack_command_refuses_a_missing_evaluation_file_before_loading_anything(monkeypatch, tmp_path, capsys):

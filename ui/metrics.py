@@ -119,7 +119,8 @@ def attack_section(studio: Studio, classifier, results: dict) -> None:
         return
     with gr.Row():
         concept = gr.Dropdown(concepts, value=concepts[0], label="Erased concept")
-        method = gr.Radio([(method_label(m), m) for m in methods], value=methods[-1], label="Erasure")
+        shown = "saemnesia+replace" if "saemnesia+replace" in methods else methods[-1]
+        method = gr.Radio([(method_label(m), m) for m in methods], value=shown, label="Erasure")
         seed_index = gr.Slider(0, len(attack["settings"]["seeds"]) - 1, value=0, step=1, label="Seed (index)")
         show = gr.Button("Show the attack")
     prompt = gr.Markdown()
