@@ -37,11 +37,15 @@ def between_two_values(values: torch.Tensor, quantile: float) -> float:
 
 
 def test_detection_reads_the_pre_activation_above_the_threshold(tiny_sae):
-    tokens = torch.randn(40, tiny_sae.d_in)
+    """Above the threshold, and never at or below zero: a latent that does not fire detects nothing, so a
+    negative threshold (a concept whose latent is silent on the others) detects where the latent fires."""
+    tokens = torch.randn(40, tiny_sae.d_in, generator=torch.Generator().manual_seed(0))
     pre_acts = pre_activations(tiny_sae, tokens, 7)
-    threshold = between_two_values(pre_acts, 0.5)
+    threshold = between_two_values(pre_acts[pre_acts > 0], 0.5)
     detected = detected_tokens(tokens, one_latent_edit(tiny_sae, 7, threshold))
-    assert torch.equal(detected, pre_acts > threshold) and 0 < detected.sum() < 40
+    assert torch.equal(detected, pre_acts > threshold) and 0 < detected.sum() < (pre_acts > 0).sum()
+    below_zero = between_two_values(pre_acts[pre_acts < 0], 0.5)
+    assert torch.equal(detected_tokens(tokens, one_latent_edit(tiny_sae, 7, below_zero)), pre_acts > 0)
 
 
 def test_each_detected_token_takes_the_nearest_undetected_one():
