@@ -178,6 +178,16 @@ def start_app(world: str, port: int, device: str | None = None, wait: float = 30
     raise TimeoutError(f"The app did not answer on port {port} within {wait:g} s.")
 
 
+def stop_app(server: subprocess.Popen) -> None:
+    """Ask the app to stop, and kill it if it has not within 30 s."""
+    server.terminate()
+    try:
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+
+
 def load_test(
     url: str | None,
     clients: int,
@@ -198,9 +208,4 @@ def load_test(
     try:
         return _run_load(f"http://127.0.0.1:{port}/", clients, requests, request, server.pid, timeout)
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_app(server)

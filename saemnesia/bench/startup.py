@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,12 +22,6 @@ from saemnesia.worlds import MINICANVAS
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 """The repository, where `app.py` lives."""
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _wait_until_ready(url: str, process: subprocess.Popen, log: Path, timeout: float = 600.0) -> None:
@@ -49,6 +42,8 @@ def _wait_until_ready(url: str, process: subprocess.Popen, log: Path, timeout: f
 def app_rows(pipeline: StableDiffusionPipeline, steps: int, repeats: int, device: str) -> list[Row]:
     """Start `python app.py` to HTTP 200, then one `/erase` through gradio_client: what a user waits for."""
     from gradio_client import Client
+
+    from saemnesia.loadtest import free_port, stop_app
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP request otherwise
     app = ROOT / "app.py"
@@ -74,7 +69,7 @@ def app_rows(pipeline: StableDiffusionPipeline, steps: int, repeats: int, device
         log = Path(scratch) / "app.log"
         environment = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
         for _ in range(repeats):
-            port = _free_port()
+            port = free_port()
             url = f"http://127.0.0.1:{port}/"
             start = time.perf_counter()
             with log.open("w") as output:
@@ -98,12 +93,7 @@ def app_rows(pipeline: StableDiffusionPipeline, steps: int, repeats: int, device
                 client.predict(api_name="/neighbours")  # what the page asks for once the pair is shown
                 neighbours.append(time.perf_counter() - start)
             finally:
-                process.terminate()
-                try:
-                    process.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+                stop_app(process)
     note = f"'{prompt}', erase {concept}, {steps} steps, codes recorded for Inspect; {source}"
     return [
         Row("app", "app start to ready (HTTP 200)", "s", started),
