@@ -105,6 +105,8 @@ class World:
     published_saes: tuple[tuple[str, str, str], ...] = ()
     """(variant, kind, hub id or folder) of the SAEs `prepare` fetches. A world that has them is prepared on
     first use, into a folder per model, instead of shipping its assets."""
+    canvas: minicanvas_data.Canvas | None = None
+    """The procedural drawings a MiniCanvas world's model, classifier and artifact detector learn from."""
 
     @property
     def concepts(self) -> tuple[str, ...]:
@@ -137,9 +139,30 @@ class World:
         return replace(self, model=model, assets=assets)
 
 
-MINICANVAS = World(
-    name="minicanvas",
-    model=str(ASSETS / "minicanvas" / "model"),
+def minicanvas_world(
+    canvas: minicanvas_data.Canvas, object_block: str, style_block: str, examples: tuple[str, ...]
+) -> World:
+    """A MiniCanvas world: its concepts, prompts and size from the canvas, its assets in `assets/<canvas name>`."""
+    return World(
+        name=canvas.name,
+        model=str(ASSETS / canvas.name / "model"),
+        object_block=object_block,
+        style_block=style_block,
+        objects=canvas.objects,
+        styles=canvas.styles,
+        templates=canvas.templates,
+        steps=20,
+        guidance=5.0,
+        height=canvas.image_size,
+        width=canvas.image_size,
+        assets=ASSETS / canvas.name,
+        examples=examples,
+        canvas=canvas,
+    )
+
+
+MINICANVAS = minicanvas_world(
+    minicanvas_data.CANVAS_32,
     # Chosen by measurement (README, "Hook points"): `probe-blocks` reads the object from 98.8% of
     # held-out images at up_blocks.0.attentions.0 and the style from only 88.3%, and `ablate-blocks`
     # shows the images need that block for their object (15% survive its ablation) but not for their
@@ -147,15 +170,14 @@ MINICANVAS = World(
     # where the style is fully readable. The style needs up_blocks.1.attentions.1 (25% survive).
     object_block="up_blocks.0.attentions.0",
     style_block="up_blocks.1.attentions.1",
-    objects=minicanvas_data.OBJECTS,
-    styles=minicanvas_data.STYLES,
-    templates=minicanvas_data.TEMPLATES,
-    steps=20,
-    guidance=5.0,
-    height=minicanvas_data.IMAGE_SIZE,
-    width=minicanvas_data.IMAGE_SIZE,
-    assets=ASSETS / "minicanvas",
     examples=("a star in neon style", "zebra picture of a heart", "a house in ocean style", "a polka tree"),
+)
+MINICANVAS_64 = minicanvas_world(
+    minicanvas_data.CANVAS,
+    # Stable Diffusion's names: the first up level with cross-attention works on 8 x 8 tokens, the next on 16 x 16.
+    object_block="up_blocks.1.attentions.1",
+    style_block="up_blocks.2.attentions.1",
+    examples=("a fish in neon style", "zebra picture of a butterfly", "a house in ocean style", "a polka cat"),
 )
 
 
@@ -201,7 +223,7 @@ def stable_diffusion_world(model: str = SD_MODELS["sd14"], assets: Path | None =
     )
 
 
-WORLDS = {"minicanvas": MINICANVAS, "sd": stable_diffusion_world()}
+WORLDS = {"minicanvas": MINICANVAS, "minicanvas-64": MINICANVAS_64, "sd": stable_diffusion_world()}
 
 
 def random_pipeline(
@@ -222,7 +244,7 @@ def random_pipeline(
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
-    tokenizer = minicanvas_model.build_tokenizer()
+    tokenizer = minicanvas_model.build_tokenizer(minicanvas_data.CANVAS_32)
     unet = UNet2DConditionModel(**unet_config)
     text_width = unet.config.cross_attention_dim
     text_encoder = CLIPTextModel(

@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from saemnesia.cli import main
-from saemnesia.minicanvas import artifacts, data
+from saemnesia.minicanvas import artifacts
+from saemnesia.minicanvas.data import CANVAS_32 as canvas
 from saemnesia.minicanvas.artifacts import (
     ARTIFACT_THRESHOLD,
     ArtifactDetector,
@@ -34,13 +35,13 @@ def tiny_detector(seed: int = 0) -> ArtifactDetector:
 
 
 def drawing(object_name: str | None = "star", style: str = "sunset", seed: int = 1) -> torch.Tensor:
-    return torch.from_numpy(data.draw(object_name, style, seed)).permute(2, 0, 1)
+    return torch.from_numpy(canvas.draw(object_name, style, seed)).permute(2, 0, 1)
 
 
 def clean_drawings() -> list[Image.Image]:
     """One drawing of every object and every style (the ten pairs on the diagonal), plus bare backgrounds."""
-    pairs = [(data.OBJECTS[i], data.STYLES[i]) for i in range(10)] + [(None, "mosaic"), (None, "zebra")]
-    return [data.draw_pil(object_name, style, 7 + index) for index, (object_name, style) in enumerate(pairs)]
+    pairs = [(canvas.objects[i], canvas.styles[i]) for i in range(10)] + [(None, "mosaic"), (None, "zebra")]
+    return [canvas.draw_pil(object_name, style, 7 + index) for index, (object_name, style) in enumerate(pairs)]
 
 
 def test_save_and_load_round_trip(tmp_path):
@@ -157,9 +158,9 @@ def fake_studio(calls: list) -> SimpleNamespace:
         calls.append((prompts, hooks, seed, include_originals))
         images = []
         for prompt in prompts:
-            object_name = next(name for name in data.OBJECTS if name in prompt)
-            style = next(name for name in data.STYLES if name in prompt)
-            images.append(data.draw_pil(object_name, style, seed))
+            object_name = next(name for name in canvas.objects if name in prompt)
+            style = next(name for name in canvas.styles if name in prompt)
+            images.append(canvas.draw_pil(object_name, style, seed))
         return SimpleNamespace(erased=images)
 
     return SimpleNamespace(world=MINICANVAS, generate=generate)

@@ -57,7 +57,7 @@ def plain_prompt_blue(studio) -> float:
     """The highest mean blue, over the seeds, of the erased model's images of the plain prompt."""
     prompt, hooks = f"a {CONCEPT} in {studio.world.styles[0]} style", studio.hooks([CONCEPT], "saemnesia", -10.0)
     blues = [
-        images_to_tensor(studio.generate([prompt], hooks, seed, include_originals=False).erased)[:, 2].mean()
+        images_to_tensor(studio.generate([prompt], hooks, seed, include_originals=False).erased, 32)[:, 2].mean()
         for seed in SEEDS
     ]
     return float(max(blues))

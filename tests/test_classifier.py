@@ -10,7 +10,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from saemnesia.cli import main
-from saemnesia.minicanvas import data
+from saemnesia.minicanvas.data import CANVAS_32 as canvas
 from saemnesia.minicanvas.classifier import (
     NO_OBJECT,
     ClassifierConfig,
@@ -34,7 +34,7 @@ def trained_folder(tmp_path_factory):
 
 
 def drawn_images() -> list[Image.Image]:
-    return [data.draw_pil("star", "neon", 1), data.draw_pil("house", "ocean", 2), data.draw_pil("tree", "polka", 3)]
+    return [canvas.draw_pil("star", "neon", 1), canvas.draw_pil("house", "ocean", 2), canvas.draw_pil("tree", "polka", 3)]
 
 
 def test_short_training_writes_a_loadable_checkpoint_and_metrics(trained_folder):
@@ -49,7 +49,7 @@ def test_short_training_writes_a_loadable_checkpoint_and_metrics(trained_folder)
     verdicts = classify(load_classifier(trained_folder), drawn_images())
     assert len(verdicts) == 3
     for verdict in verdicts:
-        assert verdict.object in data.OBJECTS and verdict.style in data.STYLES
+        assert verdict.object in canvas.objects and verdict.style in canvas.styles
         assert verdict.object_probs.shape == (10,) and verdict.style_probs.shape == (10,)
         assert verdict.object_prob == pytest.approx(verdict.object_probs.max().item())
         assert verdict.style_probs.sum().item() == pytest.approx(1, abs=1e-5)
@@ -63,17 +63,17 @@ def test_training_is_deterministic_from_seed(tmp_path):
 
 
 def test_a_bare_background_is_the_style_without_its_object():
-    bare, drawn = data.draw(None, "pastel", 4), data.draw("circle", "pastel", 4)
-    assert np.array_equal(bare, data.draw(None, "pastel", 4))
+    bare, drawn = canvas.draw(None, "pastel", 4), canvas.draw("circle", "pastel", 4)
+    assert np.array_equal(bare, canvas.draw(None, "pastel", 4))
     # Pastel paints one flat colour behind a filled object: with no object the canvas is that colour alone.
     assert bare.std(axis=(0, 1)).max() < 1e-4 and drawn.std(axis=(0, 1)).max() > 0.1
 
 
 def test_training_batches_hold_bare_backgrounds_only_when_asked():
-    images, object_ids, _ = _training_batch(64, seed=5)
-    assert int(object_ids.max()) < len(data.OBJECTS)
-    again, with_none, _ = _training_batch(64, seed=5, no_object_share=0.5)
-    bare = with_none == len(data.OBJECTS)
+    images, object_ids, _ = _training_batch(canvas, 64, seed=5)
+    assert int(object_ids.max()) < len(canvas.objects)
+    again, with_none, _ = _training_batch(canvas, 64, seed=5, no_object_share=0.5)
+    bare = with_none == len(canvas.objects)
     assert 0 < int(bare.sum()) < 64
     assert not torch.equal(images, again)
 
@@ -81,9 +81,9 @@ def test_training_batches_hold_bare_backgrounds_only_when_asked():
 def test_a_no_object_class_is_an_eleventh_label_that_round_trips(tmp_path):
     metrics = train_classifier(tmp_path, steps=2, batch_size=8, seed=0, eval_images=22, no_object_share=0.1)
     classifier = load_classifier(tmp_path)
-    assert classifier.config.objects == (*data.OBJECTS, NO_OBJECT) and metrics["objects"][-1] == NO_OBJECT
+    assert classifier.config.objects == (*canvas.objects, NO_OBJECT) and metrics["objects"][-1] == NO_OBJECT
     assert metrics["command"].endswith("--no-object-share 0.1")
-    assert classify(classifier, [data.draw_pil(None, "neon", 0)])[0].object_probs.shape == (11,)
+    assert classify(classifier, [canvas.draw_pil(None, "neon", 0)])[0].object_probs.shape == (11,)
     with pytest.raises(ValueError, match=r"no_object_share must be in \[0, 1\), got 1"):
         train_classifier(tmp_path, steps=1, no_object_share=1)
 
@@ -155,15 +155,15 @@ def test_missing_folder_names_the_training_command(tmp_path):
 
 def test_classify_command_prints_one_json_line_per_image(tmp_path, trained_folder, capsys):
     paths = [tmp_path / "star.png", tmp_path / "big.png"]
-    data.draw_pil("star", "neon", 0).save(paths[0])
-    data.draw_pil("moon", "sketch", 0).resize((64, 64)).save(paths[1])
+    canvas.draw_pil("star", "neon", 0).save(paths[0])
+    canvas.draw_pil("moon", "sketch", 0).resize((64, 64)).save(paths[1])
     main(["classify", str(paths[0]), str(paths[1]), "--classifier", str(trained_folder)])
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2
     for path, line in zip(paths, lines):
         verdict = json.loads(line)
         assert verdict["path"] == str(path)
-        assert verdict["object"] in data.OBJECTS and verdict["style"] in data.STYLES
+        assert verdict["object"] in canvas.objects and verdict["style"] in canvas.styles
         assert 0 < verdict["object_prob"] <= 1 and 0 < verdict["style_prob"] <= 1
 
 
@@ -214,6 +214,6 @@ def test_world_quality_command_runs_on_a_saved_tiny_model(tmp_path, tiny_pipelin
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     quality = json.loads(out.read_text())
     assert quality["images"] == 100 and summary["object_accuracy"] == quality["object_accuracy"]
-    assert set(quality["per_style"]) == set(data.STYLES)
+    assert set(quality["per_style"]) == set(canvas.styles)
     with Image.open(grid) as sheet:
         assert sheet.size == (10 * 32 * 4, 10 * 32 * 4)

@@ -6,16 +6,23 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+MINICANVAS_WORLDS = ("minicanvas", "minicanvas-64")
+"""The worlds drawn procedurally, which have a model, classifier and artifact detector of their own."""
+
+
+def add_canvas_world_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--world", choices=MINICANVAS_WORLDS, default="minicanvas", help="which MiniCanvas")
+
 
 def add_world_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--world", choices=["minicanvas", "sd"], default="minicanvas")
+    parser.add_argument("--world", choices=[*MINICANVAS_WORLDS, "sd"], default="minicanvas")
     parser.add_argument("--model", help="diffusers folder or hub id (default: the world's model)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA if present)")
 
 
 def add_classifier_world_arguments(parser: argparse.ArgumentParser) -> None:
     """For commands scored by a world's classifier (only MiniCanvas has one)."""
-    parser.add_argument("--world", choices=["minicanvas"], default="minicanvas", help="the classifier's world")
+    parser.add_argument("--world", choices=MINICANVAS_WORLDS, default="minicanvas", help="the classifier's world")
     parser.add_argument("--model", help="diffusers folder (default: the world's model)")
     parser.add_argument("--classifier", help="classifier folder (default: the world's)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA if present)")

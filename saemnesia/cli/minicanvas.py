@@ -6,13 +6,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from saemnesia.cli.common import add_canvas_world_argument
+
 
 def _train_world(args: argparse.Namespace) -> None:
-    from saemnesia.minicanvas.model import train_model
+    from saemnesia.minicanvas.model import DESIGNS, train_model
 
     train_model(
-        Path(args.out),
-        Path(args.checkpoint),
+        Path(args.out or _world(args).model),
+        Path(args.checkpoint or f"runs/{args.world}-model"),
         steps=args.steps,
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
@@ -20,14 +22,24 @@ def _train_world(args: argparse.Namespace) -> None:
         device=args.device,
         text_length=args.text_length,
         min_snr_gamma=args.min_snr_gamma,
+        design=DESIGNS[args.world],
     )
 
 
-def _train_classifier(args: argparse.Namespace) -> None:
-    from saemnesia.minicanvas.classifier import train_classifier
+def _world(args: argparse.Namespace):
+    from saemnesia.worlds import WORLDS
 
+    return WORLDS[args.world]
+
+
+def _train_classifier(args: argparse.Namespace) -> None:
+    from saemnesia.minicanvas.classifier import NO_OBJECT_FOLDER, train_classifier
+
+    world = _world(args)
+    default = world.assets / (NO_OBJECT_FOLDER if args.no_object_share else "classifier")
     train_classifier(
-        Path(args.out),
+        Path(args.out or default),
+        world.canvas,
         steps=args.steps,
         batch_size=args.batch_size,
         seed=args.seed,
@@ -41,13 +53,14 @@ def _train_classifier(args: argparse.Namespace) -> None:
 def _train_artifact_detector(args: argparse.Namespace) -> None:
     from saemnesia.minicanvas.artifacts import FLOOR_SEEDS, train_artifact_detector
     from saemnesia.studio import Studio
-    from saemnesia.worlds import WORLDS
 
+    world = _world(args)
     floor_seeds = FLOOR_SEEDS if args.floor_seeds is None else args.floor_seeds
     needs_model = args.generated_seeds > 0 or len(floor_seeds) > 0
-    studio = Studio.load(WORLDS["minicanvas"], device=args.device, model=args.model) if needs_model else None
+    studio = Studio.load(world, device=args.device, model=args.model) if needs_model else None
     train_artifact_detector(
-        Path(args.out),
+        Path(args.out or world.assets / "artifact-detector"),
+        world.canvas,
         steps=args.steps,
         batch_size=args.batch_size,
         seed=args.seed,
@@ -79,7 +92,7 @@ def _artifact_grid(args: argparse.Namespace) -> None:
         untouched_generations,
     )
     from saemnesia.studio import Studio
-    from saemnesia.worlds import MINICANVAS, WORLDS, default_device, portable_name
+    from saemnesia.worlds import default_device, portable_name
 
     files = []
     for path in args.images:
@@ -88,14 +101,15 @@ def _artifact_grid(args: argparse.Namespace) -> None:
                 files.append(image.convert("RGB"))
         except (FileNotFoundError, UnidentifiedImageError, OSError) as error:
             raise ValueError(f"Cannot read '{path}' as an image ({error}).") from error
-    folder = Path(args.detector) if args.detector else MINICANVAS.assets / "artifact-detector"
+    world = _world(args)
+    folder = Path(args.detector) if args.detector else world.assets / "artifact-detector"
     detector = ArtifactDetector.load(folder, device=args.device or default_device())
-    studio = Studio.load(WORLDS["minicanvas"], device=args.device, model=args.model)
+    studio = Studio.load(world, device=args.device, model=args.model)
     generated, labels = untouched_generations(studio, args.seeds or FLOOR_SEEDS)
     generated_probabilities = artifact_probabilities(detector, generated)
     floor = rate_summary(generated_probabilities, labels)
 
-    clean, corrupted, names, _ = held_out_sets(args.drawings)
+    clean, corrupted, names, _ = held_out_sets(world.canvas, args.drawings)
     clean_probabilities = artifact_probabilities(detector, clean)
     entries = [GridEntry(tensor_to_pil(image), p, "drawn") for image, p in zip(clean, clean_probabilities)]
     entries += [
@@ -126,7 +140,6 @@ def _classify(args: argparse.Namespace) -> None:
     from PIL import Image, UnidentifiedImageError
 
     from saemnesia.minicanvas.classifier import classify, load_classifier
-    from saemnesia.worlds import MINICANVAS
 
     images = []
     for path in args.images:
@@ -137,7 +150,7 @@ def _classify(args: argparse.Namespace) -> None:
                 images.append(image.convert("RGB"))
         except (UnidentifiedImageError, OSError) as error:
             raise ValueError(f"Cannot read '{path}' as an image ({error}).") from error
-    classifier = load_classifier(args.classifier or MINICANVAS.assets / "classifier", device=args.device)
+    classifier = load_classifier(args.classifier or _world(args).assets / "classifier", device=args.device)
     for path, verdict in zip(args.images, classify(classifier, images)):
         print(
             json.dumps(
@@ -157,15 +170,22 @@ def _world_quality(args: argparse.Namespace) -> None:
     import json
 
     from saemnesia.minicanvas.classifier import load_classifier, world_quality
-    from saemnesia.worlds import MINICANVAS, load_pipeline
+    from saemnesia.worlds import load_pipeline
 
-    world = dataclasses.replace(MINICANVAS, model=args.model) if args.model else MINICANVAS
+    world = _world(args)
+    world = dataclasses.replace(world, model=args.model) if args.model else world
     classifier = load_classifier(args.classifier or world.assets / "classifier", device=args.device)
     pipeline = load_pipeline(world.model, device=args.device)
     quality = world_quality(
-        pipeline, classifier, world, seeds=args.seeds, steps=args.steps, guidance=args.guidance, grid=Path(args.grid)
+        pipeline,
+        classifier,
+        world,
+        seeds=args.seeds,
+        steps=args.steps,
+        guidance=args.guidance,
+        grid=Path(args.grid or world.assets / "samples.png"),
     )
-    out = Path(args.out)
+    out = Path(args.out or world.assets / "quality.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(quality, indent=2) + "\n")
     print(json.dumps({key: quality[key] for key in ("object_accuracy", "style_accuracy", "both_accuracy")}))
@@ -174,9 +194,10 @@ def _world_quality(args: argparse.Namespace) -> None:
 def add_commands(commands: argparse._SubParsersAction) -> None:
     """The MiniCanvas commands, in the order `--help` lists them."""
     train_world = commands.add_parser("train-world", help="train MiniCanvas's text-to-image model (resumable)")
-    train_world.add_argument("--out", default="assets/minicanvas/model")
-    train_world.add_argument("--checkpoint", default="runs/minicanvas-model")
-    train_world.add_argument("--steps", type=int, default=4000)
+    add_canvas_world_argument(train_world)
+    train_world.add_argument("--out", help="the model folder (default: the world's)")
+    train_world.add_argument("--checkpoint", help="resumable training state (default: runs/<world>-model)")
+    train_world.add_argument("--steps", type=int, help="default: the world's (4,000; 10,000 for minicanvas-64)")
     train_world.add_argument("--batch-size", type=int, default=48)
     train_world.add_argument("--learning-rate", type=float, default=1e-3)
     train_world.add_argument("--seed", type=int, default=0)
@@ -188,7 +209,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     train_classifier = commands.add_parser(
         "train-classifier", help="train the MiniCanvas object and style classifier (a few CPU minutes)"
     )
-    train_classifier.add_argument("--out", default="assets/minicanvas/classifier")
+    add_canvas_world_argument(train_classifier)
+    train_classifier.add_argument("--out", help="default: the world's classifier (or classifier-no-object) folder")
     train_classifier.add_argument("--steps", type=int, default=800)
     train_classifier.add_argument("--batch-size", type=int, default=64)
     train_classifier.add_argument("--learning-rate", type=float, default=3e-3)
@@ -207,7 +229,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "train-artifact-detector",
         help="train the MiniCanvas artifact detector: clean images vs generically corrupted ones (~20 CPU minutes)",
     )
-    train_artifacts.add_argument("--out", default="assets/minicanvas/artifact-detector")
+    add_canvas_world_argument(train_artifacts)
+    train_artifacts.add_argument("--out", help="default: the world's artifact-detector folder")
     train_artifacts.add_argument("--steps", type=int, default=1500)
     train_artifacts.add_argument("--batch-size", type=int, default=64)
     train_artifacts.add_argument("--learning-rate", type=float, default=3e-3)
@@ -232,7 +255,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         help="the untouched model's artifact rate (floor) and a PNG of what the detector calls artifact and clean",
     )
     artifact_grid.add_argument("images", nargs="*", metavar="IMAGE", help="more images to score and show (any size)")
-    artifact_grid.add_argument("--detector", help="detector folder (default: assets/minicanvas/artifact-detector)")
+    add_canvas_world_argument(artifact_grid)
+    artifact_grid.add_argument("--detector", help="detector folder (default: the world's artifact-detector)")
     artifact_grid.add_argument("--out", help="grid PNG (default: validation-grid.png in the detector folder)")
     artifact_grid.add_argument("--seeds", type=int, nargs="+", help="floor seeds (default 90000-90002)")
     artifact_grid.add_argument("--drawings", type=int, default=50, help="held-out drawings, clean and corrupted")
@@ -241,20 +265,22 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     artifact_grid.set_defaults(run=_artifact_grid)
 
     classify = commands.add_parser("classify", help="object and style of MiniCanvas images, one JSON line each")
-    classify.add_argument("images", nargs="+", metavar="IMAGE", help="any size; resized to 32 x 32")
-    classify.add_argument("--classifier", help="classifier folder (default: assets/minicanvas/classifier)")
+    classify.add_argument("images", nargs="+", metavar="IMAGE", help="any size; resized to the classifier's")
+    add_canvas_world_argument(classify)
+    classify.add_argument("--classifier", help="classifier folder (default: the world's)")
     classify.add_argument("--device", default="cpu")
     classify.set_defaults(run=_classify)
 
     world_quality = commands.add_parser(
         "world-quality", help="how often the MiniCanvas model draws the asked object and style"
     )
-    world_quality.add_argument("--model", help="diffusers folder (default: MiniCanvas's model)")
-    world_quality.add_argument("--classifier", help="classifier folder (default: assets/minicanvas/classifier)")
+    add_canvas_world_argument(world_quality)
+    world_quality.add_argument("--model", help="diffusers folder (default: the world's model)")
+    world_quality.add_argument("--classifier", help="classifier folder (default: the world's)")
     world_quality.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     world_quality.add_argument("--steps", type=int, help="default: the world's")
     world_quality.add_argument("--guidance", type=float, help="default: the world's")
-    world_quality.add_argument("--out", default="assets/minicanvas/quality.json")
-    world_quality.add_argument("--grid", default="assets/minicanvas/samples.png", help="first seed's images, PNG")
+    world_quality.add_argument("--out", help="default: the world's quality.json")
+    world_quality.add_argument("--grid", help="first seed's images, PNG (default: the world's samples.png)")
     world_quality.add_argument("--device", default="cpu")
     world_quality.set_defaults(run=_world_quality)

@@ -37,9 +37,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from saemnesia.minicanvas import data
 from saemnesia.minicanvas.classifier import EVAL_SEED_OFFSET, augment, images_to_tensor
 from saemnesia.minicanvas.corruptions import CORRUPTIONS, corrupt
+from saemnesia.minicanvas.data import CANVAS_32, Canvas
 
 if TYPE_CHECKING:
     from saemnesia.studio import Studio
@@ -71,7 +71,7 @@ class ArtifactDetectorConfig:
     """The widths of the three conv stages; round-trips to JSON."""
 
     channels: tuple[int, int, int] = (24, 48, 96)
-    image_size: int = data.IMAGE_SIZE
+    image_size: int = CANVAS_32.image_size
 
     @classmethod
     def from_json_dict(cls, raw: object, source: str = CONFIG_FILE) -> ArtifactDetectorConfig:
@@ -84,9 +84,12 @@ class ArtifactDetectorConfig:
             raise ArtifactDetectorLoadError(
                 f"{source}: 'channels' must be three positive integers, found {channels!r}."
             )
-        if raw.get("image_size", data.IMAGE_SIZE) != data.IMAGE_SIZE:
-            raise ArtifactDetectorLoadError(f"{source}: only {data.IMAGE_SIZE} x {data.IMAGE_SIZE} detectors exist.")
-        return cls(tuple(channels))
+        image_size = raw.get("image_size", CANVAS_32.image_size)
+        if not (isinstance(image_size, int) and image_size > 0 and image_size % 8 == 0):
+            raise ArtifactDetectorLoadError(
+                f"{source}: 'image_size' must be a positive multiple of 8, found {image_size!r}."
+            )
+        return cls(tuple(channels), image_size)
 
 
 def _conv(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -119,7 +122,7 @@ class ArtifactDetector(nn.Module):
         return next(self.parameters()).device
 
     def forward(self, images: Tensor) -> Tensor:
-        """`images` [B, 3, 32, 32] in [0, 1] -> artifact logits [B]."""
+        """`images` [B, 3, size, size] in [0, 1], at the config's `image_size` -> artifact logits [B]."""
         features = self.features(images * 2 - 1)
         pooled = torch.cat([features.mean(dim=(2, 3)), features.amax(dim=(2, 3))], dim=1)
         return self.head(pooled).squeeze(1)
@@ -177,9 +180,9 @@ def artifact_probabilities(
     detector: ArtifactDetector, images: Sequence[Image.Image] | Tensor, batch_size: int = 256
 ) -> list[float]:
     """The probability that each image is corrupted (eval mode, which it sets); PIL images of any size
-    or a [B, 3, H, W] tensor in [0, 1], resized to 32 x 32 by area."""
+    or a [B, 3, H, W] tensor in [0, 1], resized to the detector's size by area."""
     detector.eval()
-    batch = images_to_tensor(images)
+    batch = images_to_tensor(images, detector.config.image_size)
     probabilities: list[float] = []
     for start in range(0, len(batch), batch_size):
         logits = detector(batch[start : start + batch_size].to(detector.device))
@@ -204,19 +207,19 @@ def _allowed_corruptions(bare: bool) -> list[str]:
     return [name for name in CORRUPTIONS if not (bare and name in NEEDS_AN_OBJECT)]
 
 
-def _drawn(object_name: str | None, style: str, seed: int) -> Tensor:
-    return torch.from_numpy(data.draw(object_name, style, seed)).permute(2, 0, 1)
+def _drawn(canvas: Canvas, object_name: str | None, style: str, seed: int) -> Tensor:
+    return torch.from_numpy(canvas.draw(object_name, style, seed)).permute(2, 0, 1)
 
 
-def drawing_pool(count: int, seed: int) -> tuple[Tensor, list[bool]]:
-    """`count` drawings [N, 3, 32, 32] at training seeds (below `EVAL_SEED_OFFSET`), a `BARE_SHARE` of them
+def drawing_pool(canvas: Canvas, count: int, seed: int) -> tuple[Tensor, list[bool]]:
+    """`count` drawings [N, 3, size, size] at training seeds (below `EVAL_SEED_OFFSET`), a `BARE_SHARE` of them
     without an object, and which are bare. Drawn once and reused under fresh corruption and augmentation:
     drawing would otherwise take most of each step's time."""
     rng = random.Random(seed)
     images, bare = [], []
     for _ in range(count):
-        object_name = None if rng.random() < BARE_SHARE else rng.choice(data.OBJECTS)
-        images.append(_drawn(object_name, rng.choice(data.STYLES), rng.randrange(EVAL_SEED_OFFSET)))
+        object_name = None if rng.random() < BARE_SHARE else rng.choice(canvas.objects)
+        images.append(_drawn(canvas, object_name, rng.choice(canvas.styles), rng.randrange(EVAL_SEED_OFFSET)))
         bare.append(object_name is None)
     return torch.stack(images), bare
 
@@ -224,7 +227,7 @@ def drawing_pool(count: int, seed: int) -> tuple[Tensor, list[bool]]:
 def _training_batch(
     batch_size: int, seed: int, drawings: Tensor, bare: Sequence[bool], generated: Tensor | None
 ) -> tuple[Tensor, Tensor]:
-    """Images [B, 3, 32, 32], every second one corrupted, all then augmented, and labels (1: corrupted).
+    """Images [B, 3, size, size], every second one corrupted, all then augmented, and labels (1: corrupted).
 
     Sources: the drawing pool and, when given, untouched generations (`GENERATED_SHARE`). Corrupting
     before augmenting gives both labels the same softness and noise, and lets `MIN_CHANGE` judge the
@@ -327,28 +330,28 @@ def rate_summary(probabilities: Sequence[float], labels: Sequence[str]) -> dict:
     }
 
 
-def evaluation_images(count: int) -> tuple[Tensor, list[bool]]:
+def evaluation_images(canvas: Canvas, count: int) -> tuple[Tensor, list[bool]]:
     """`count` drawings cycling through every (object or none, style) pair, from seeds training never
     draws, and whether each is a bare background."""
-    objects = (*data.OBJECTS, None)
+    objects = (*canvas.objects, None)
     images, bare = [], []
     for index in range(count):
-        object_id, style_id = divmod(index % (len(objects) * len(data.STYLES)), len(data.STYLES))
-        images.append(_drawn(objects[object_id], data.STYLES[style_id], EVAL_SEED_OFFSET + index))
+        object_id, style_id = divmod(index % (len(objects) * len(canvas.styles)), len(canvas.styles))
+        images.append(_drawn(canvas, objects[object_id], canvas.styles[style_id], EVAL_SEED_OFFSET + index))
         bare.append(objects[object_id] is None)
     return torch.stack(images), bare
 
 
-def held_out_sets(count: int) -> tuple[Tensor, Tensor, list[str], list[bool]]:
+def held_out_sets(canvas: Canvas, count: int) -> tuple[Tensor, Tensor, list[str], list[bool]]:
     """Held-out drawings, clean and corrupted, each pair under the same augmentation, the corruption names
     and the bare-background flags: fixed generators, so every run measures the same images. The corruption
     turns with each run of ten styles, so every corruption meets every style and, over 550 images, every
     object (bare backgrounds skip `NEEDS_AN_OBJECT`)."""
-    drawings, bare = evaluation_images(count)
+    drawings, bare = evaluation_images(canvas, count)
     names = []
     for index, is_bare in enumerate(bare):
         allowed = _allowed_corruptions(is_bare)
-        names.append(allowed[index // len(data.STYLES) % len(allowed)])
+        names.append(allowed[index // len(canvas.styles) % len(allowed)])
     corrupted = corrupt(drawings, torch.Generator().manual_seed(1), names)
     clean = augment(drawings, torch.Generator().manual_seed(0))
     return clean, augment(corrupted.images, torch.Generator().manual_seed(0)), corrupted.names, bare
@@ -356,6 +359,7 @@ def held_out_sets(count: int) -> tuple[Tensor, Tensor, list[str], list[bool]]:
 
 def train_artifact_detector(
     out: Path,
+    canvas: Canvas = CANVAS_32,
     steps: int = 1500,
     batch_size: int = 64,
     seed: int = 0,
@@ -380,10 +384,11 @@ def train_artifact_detector(
     generated = None
     generation_seeds = list(range(GENERATION_TRAIN_SEED, GENERATION_TRAIN_SEED + generated_seeds))
     if studio is not None and generation_seeds:
-        generated = images_to_tensor(untouched_generations(studio, generation_seeds, cycle_templates=True)[0])
+        generations = untouched_generations(studio, generation_seeds, cycle_templates=True)[0]
+        generated = images_to_tensor(generations, canvas.image_size)
     logger.info("drawing %d training images", drawings)
-    pool, bare = drawing_pool(drawings, seed)
-    detector = ArtifactDetector(config or ArtifactDetectorConfig()).to(device)
+    pool, bare = drawing_pool(canvas, drawings, seed)
+    detector = ArtifactDetector(config or ArtifactDetectorConfig(image_size=canvas.image_size)).to(device)
     final_loss = train_detector(
         detector,
         lambda step: _training_batch(batch_size, seed * 1_000_003 + step, pool, bare, generated),
@@ -394,10 +399,12 @@ def train_artifact_detector(
     train_time = time.time() - began
 
     logger.info("measuring on %d held-out drawings, clean and corrupted", eval_images)
-    clean, corrupted, names, bare = held_out_sets(eval_images)
+    clean, corrupted, names, bare = held_out_sets(canvas, eval_images)
     clean_called = [p >= ARTIFACT_THRESHOLD for p in artifact_probabilities(detector, clean)]
     corrupted_called = [p >= ARTIFACT_THRESHOLD for p in artifact_probabilities(detector, corrupted)]
-    raw_called = [p >= ARTIFACT_THRESHOLD for p in artifact_probabilities(detector, evaluation_images(eval_images)[0])]
+    raw_called = [
+        p >= ARTIFACT_THRESHOLD for p in artifact_probabilities(detector, evaluation_images(canvas, eval_images)[0])
+    ]
     metrics: dict = {
         "clean_called_clean": 1 - sum(clean_called) / eval_images,
         "corrupted_called_artifact": sum(corrupted_called) / eval_images,
@@ -426,7 +433,8 @@ def train_artifact_detector(
     metrics.update(
         {
             "command": (
-                f"python -m saemnesia train-artifact-detector --out {out} --steps {steps} --batch-size {batch_size} "
+                f"python -m saemnesia train-artifact-detector --world {canvas.name} --out {out} --steps {steps} "
+                f"--batch-size {batch_size} "
                 f"--seed {seed} --learning-rate {learning_rate} --eval-images {eval_images} --drawings {drawings} "
                 f"--generated-seeds {generated_seeds if studio is not None else 0} "
                 f"--floor-seeds {' '.join(map(str, floor_seeds))}"
@@ -463,7 +471,7 @@ class GridEntry(NamedTuple):
 
 def save_verdict_grid(entries: Sequence[GridEntry], path: Path, columns: int = 10, scale: int = 3) -> None:
     """Two panels, images called artifact then images called clean, each captioned `tag probability`."""
-    cell, caption, header = data.IMAGE_SIZE * scale, 12, 16
+    cell, caption, header = entries[0].image.width * scale, 12, 16
     panels = [
         ("called artifact", [e for e in entries if e.probability >= ARTIFACT_THRESHOLD]),
         ("called clean", [e for e in entries if e.probability < ARTIFACT_THRESHOLD]),

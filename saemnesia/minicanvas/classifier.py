@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from saemnesia.generate import initial_noise, model_lock
-from saemnesia.minicanvas import data
+from saemnesia.minicanvas.data import CANVAS_32, Canvas
 from saemnesia.worlds import World, portable_name
 
 logger = logging.getLogger(__name__)
@@ -42,6 +42,8 @@ EVAL_SEED_OFFSET = 2**30
 EVAL_NOISE_STD = 0.1
 # The label of a bare background, for classifiers trained with a no-object class (`no_object_share`).
 NO_OBJECT = "nothing"
+NO_OBJECT_FOLDER = "classifier-no-object"
+"""Where a world's assets keep its classifier with the no-object class."""
 
 
 class ClassifierLoadError(ValueError):
@@ -52,10 +54,10 @@ class ClassifierLoadError(ValueError):
 class ClassifierConfig:
     """The label names (in logit order) and the widths of the three conv stages; round-trips to JSON."""
 
-    objects: tuple[str, ...] = data.OBJECTS
-    styles: tuple[str, ...] = data.STYLES
+    objects: tuple[str, ...] = CANVAS_32.objects
+    styles: tuple[str, ...] = CANVAS_32.styles
     channels: tuple[int, int, int] = (24, 48, 96)
-    image_size: int = data.IMAGE_SIZE
+    image_size: int = CANVAS_32.image_size
 
     @classmethod
     def from_json_dict(cls, raw: object, source: str = CONFIG_FILE) -> ClassifierConfig:
@@ -70,9 +72,10 @@ class ClassifierConfig:
             isinstance(channels, list) and len(channels) == 3 and all(isinstance(c, int) and c > 0 for c in channels)
         ):
             raise ClassifierLoadError(f"{source}: 'channels' must be three positive integers, found {channels!r}.")
-        if raw.get("image_size", data.IMAGE_SIZE) != data.IMAGE_SIZE:
-            raise ClassifierLoadError(f"{source}: only {data.IMAGE_SIZE} x {data.IMAGE_SIZE} classifiers exist.")
-        return cls(tuple(raw["objects"]), tuple(raw["styles"]), tuple(channels))
+        image_size = raw.get("image_size", CANVAS_32.image_size)
+        if not (isinstance(image_size, int) and image_size > 0 and image_size % 8 == 0):
+            raise ClassifierLoadError(f"{source}: 'image_size' must be a positive multiple of 8, found {image_size!r}.")
+        return cls(tuple(raw["objects"]), tuple(raw["styles"]), tuple(channels), image_size)
 
 
 class ClassifierOutput(NamedTuple):
@@ -128,7 +131,7 @@ class MiniCanvasClassifier(nn.Module):
         return next(self.parameters()).device
 
     def forward(self, images: Tensor) -> ClassifierOutput:
-        """`images` [B, 3, 32, 32] in [0, 1]."""
+        """`images` [B, 3, size, size] in [0, 1], at the config's `image_size`."""
         features = self.features(images * 2 - 1)
         return ClassifierOutput(self.object_head(features), self.style_head(features))
 
@@ -180,7 +183,7 @@ def load_classifier(folder: str | Path, device: str | torch.device = "cpu") -> M
     return classifier.to(device).eval()
 
 
-def images_to_tensor(images: Sequence[Image.Image] | Tensor, size: int = data.IMAGE_SIZE) -> Tensor:
+def images_to_tensor(images: Sequence[Image.Image] | Tensor, size: int) -> Tensor:
     """PIL images (any size, any mode) or a [B, 3, H, W] tensor in [0, 1] as a [B, 3, size, size] batch.
 
     Resizing averages pixel areas (BOX), so a grid cell upscaled with NEAREST comes back exactly.
@@ -200,7 +203,7 @@ def classify(
 ) -> list[Verdict]:
     """One verdict per image (in eval mode, which it sets); see `images_to_tensor` for the inputs."""
     classifier.eval()
-    batch = images_to_tensor(images)
+    batch = images_to_tensor(images, classifier.config.image_size)
     verdicts = []
     for start in range(0, len(batch), batch_size):
         output = classifier(batch[start : start + batch_size].to(classifier.device))
@@ -221,35 +224,37 @@ def classify(
     return verdicts
 
 
-def _training_batch(batch_size: int, seed: int, no_object_share: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
-    """Freshly drawn images [B, 3, 32, 32] in [0, 1] with object and style ids, deterministic from `seed`.
+def _training_batch(
+    canvas: Canvas, batch_size: int, seed: int, no_object_share: float = 0.0
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Freshly drawn images [B, 3, size, size] in [0, 1] with object and style ids, deterministic from `seed`.
 
     With `no_object_share` > 0 that share of the images is a bare background, labelled `NO_OBJECT`
-    (id `len(data.OBJECTS)`); at 0 the draws are exactly those of a classifier without that class.
+    (id `len(canvas.objects)`); at 0 the draws are exactly those of a classifier without that class.
     """
     rng = random.Random(seed)
     images, object_ids, style_ids = [], [], []
     for _ in range(batch_size):
-        object_id, style_id = rng.randrange(len(data.OBJECTS)), rng.randrange(len(data.STYLES))
+        object_id, style_id = rng.randrange(len(canvas.objects)), rng.randrange(len(canvas.styles))
         if no_object_share and rng.random() < no_object_share:
-            object_id = len(data.OBJECTS)
-        object_name = data.OBJECTS[object_id] if object_id < len(data.OBJECTS) else None
-        images.append(data.draw(object_name, data.STYLES[style_id], rng.randrange(EVAL_SEED_OFFSET)))
+            object_id = len(canvas.objects)
+        object_name = canvas.objects[object_id] if object_id < len(canvas.objects) else None
+        images.append(canvas.draw(object_name, canvas.styles[style_id], rng.randrange(EVAL_SEED_OFFSET)))
         object_ids.append(object_id)
         style_ids.append(style_id)
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2), torch.tensor(object_ids), torch.tensor(style_ids)
 
 
-def _evaluation_set(count: int, objects: Sequence[str]) -> tuple[Tensor, Tensor, Tensor]:
+def _evaluation_set(canvas: Canvas, count: int, objects: Sequence[str]) -> tuple[Tensor, Tensor, Tensor]:
     """`count` images cycling through every (object, style) pair, from seeds training never draws.
 
     `objects` are the classifier's labels: `NO_OBJECT` among them adds bare backgrounds to the cycle.
     """
     images, object_ids, style_ids = [], [], []
     for index in range(count):
-        object_id, style_id = divmod(index % (len(objects) * len(data.STYLES)), len(data.STYLES))
+        object_id, style_id = divmod(index % (len(objects) * len(canvas.styles)), len(canvas.styles))
         object_name = None if objects[object_id] == NO_OBJECT else objects[object_id]
-        images.append(data.draw(object_name, data.STYLES[style_id], EVAL_SEED_OFFSET + index))
+        images.append(canvas.draw(object_name, canvas.styles[style_id], EVAL_SEED_OFFSET + index))
         object_ids.append(object_id)
         style_ids.append(style_id)
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2), torch.tensor(object_ids), torch.tensor(style_ids)
@@ -300,6 +305,7 @@ def _accuracy(classifier: MiniCanvasClassifier, images: Tensor, object_ids: Tens
 
 def train_classifier(
     out: Path,
+    canvas: Canvas = CANVAS_32,
     steps: int = 800,
     batch_size: int = 64,
     seed: int = 0,
@@ -323,8 +329,9 @@ def train_classifier(
         raise ValueError(f"no_object_share must be in [0, 1), got {no_object_share}.")
     began = time.time()
     torch.manual_seed(seed)
-    objects = data.OBJECTS + ((NO_OBJECT,) if no_object_share else ())
-    classifier = MiniCanvasClassifier(ClassifierConfig(objects=objects)).to(device)
+    objects = canvas.objects + ((NO_OBJECT,) if no_object_share else ())
+    config = ClassifierConfig(objects=objects, styles=canvas.styles, image_size=canvas.image_size)
+    classifier = MiniCanvasClassifier(config).to(device)
     optimizer = torch.optim.AdamW(classifier.parameters(), lr=learning_rate, weight_decay=1e-4)
     warmup = max(1, steps // 20)
 
@@ -338,7 +345,7 @@ def train_classifier(
     loss = torch.tensor(float("nan"))
     for step in range(steps):
         batch_seed = seed * 1_000_003 + step
-        images, object_ids, style_ids = _training_batch(batch_size, batch_seed, no_object_share)
+        images, object_ids, style_ids = _training_batch(canvas, batch_size, batch_seed, no_object_share)
         images = augment(images, torch.Generator().manual_seed(batch_seed))
         output = classifier(images.to(device))
         loss = F.cross_entropy(output.object_logits, object_ids.to(device)) + F.cross_entropy(
@@ -363,7 +370,7 @@ def train_classifier(
     train_time = time.time() - began
 
     logger.info("measuring accuracy on %d fresh images", eval_images)
-    images, object_ids, style_ids = _evaluation_set(eval_images, objects)
+    images, object_ids, style_ids = _evaluation_set(canvas, eval_images, objects)
     noisy = (images + EVAL_NOISE_STD * torch.randn(images.shape, generator=torch.Generator().manual_seed(0))).clamp(
         0, 1
     )
@@ -382,7 +389,8 @@ def train_classifier(
         "objects": list(objects),
         "train_seeds": f"below {EVAL_SEED_OFFSET}",
         "command": (
-            f"python -m saemnesia train-classifier --out {out} --steps {steps} --batch-size {batch_size} "
+            f"python -m saemnesia train-classifier --world {canvas.name} --out {out} --steps {steps} "
+            f"--batch-size {batch_size} "
             f"--seed {seed} --learning-rate {learning_rate} --eval-images {eval_images}"
             + (f" --no-object-share {no_object_share}" if no_object_share else "")
         ),

@@ -8,6 +8,10 @@ layout), so `StableDiffusionPipeline.from_pretrained(folder, trust_remote_code=T
 Python that never imported this package. The UNet predicts v on a
 cosine schedule: with epsilon-prediction in pixel space, DDIM's first steps amplify the noise
 estimate's error a hundredfold (the pipeline turns off x0 clipping), and samples came out as noise.
+
+A `Design` says which UNet draws which `Canvas`, by world name: `DESIGNS["minicanvas-64"]` (64 x 64, a
+four-level UNet whose `up_blocks.1` works on an 8 x 8 grid, as Stable Diffusion's does on 16 x 16) and
+`DESIGNS["minicanvas"]` (the first world, 32 x 32, three levels).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import json
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,11 +34,54 @@ from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from saemnesia.minicanvas import data
+from saemnesia.minicanvas.data import CANVAS, CANVAS_32, Canvas
 
 logger = logging.getLogger(__name__)
 
 TEXT_WIDTH = 128
+
+
+@dataclass(frozen=True)
+class Design:
+    """A MiniCanvas model's shape: the canvas it draws and its UNet's levels. Latents are the image's 2 x 2 pixel
+    blocks (`PixelUnshuffleAutoencoder`), so the UNet works at half the image's size."""
+
+    canvas: Canvas
+    block_out_channels: tuple[int, ...]
+    down_block_types: tuple[str, ...]
+    up_block_types: tuple[str, ...]
+    layers_per_block: int = 1
+    text_layers: int = 2
+    latent_factor: int = 2
+    train_steps: int = 4000
+
+    @property
+    def latent_size(self) -> int:
+        return self.canvas.image_size // self.latent_factor
+
+    @property
+    def latent_channels(self) -> int:
+        return 3 * self.latent_factor**2
+
+
+DESIGNS = {
+    # Cross-attention at 16 x 16 and 8 x 8 only (at 32 x 32 it would cost most of a step), as Stable Diffusion's
+    # coarsest level has none: down (-, attn, attn, -), up (-, attn, attn, -). `up_blocks.1` sits at 8 x 8.
+    "minicanvas-64": Design(
+        CANVAS,
+        block_out_channels=(32, 64, 128, 128),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        train_steps=10_000,
+    ),
+    "minicanvas": Design(
+        CANVAS_32,
+        block_out_channels=(32, 64, 128),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    ),
+}
+"""The shipped designs, by world name."""
 
 
 def _not_the_expected_vae_type_warning(record: logging.LogRecord) -> bool:
@@ -99,7 +147,7 @@ def write_autoencoder_code(folder: Path) -> None:
     (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
-def build_tokenizer(max_length: int = 77) -> CLIPTokenizer:
+def build_tokenizer(canvas: Canvas = CANVAS, max_length: int = 77) -> CLIPTokenizer:
     """A CLIP byte-level BPE tokenizer whose merges are learned from the world's captions.
 
     No CLIP vocabulary ships offline, so we learn one: the 512 byte symbols (with and without the
@@ -115,7 +163,7 @@ def build_tokenizer(max_length: int = 77) -> CLIPTokenizer:
     trainer = trainers.BpeTrainer(
         vocab_size=4096, min_frequency=1, initial_alphabet=alphabet, end_of_word_suffix="</w>", show_progress=False
     )
-    bpe.train_from_iterator(data.caption_corpus(), trainer)
+    bpe.train_from_iterator(canvas.caption_corpus(), trainer)
     merges = [
         tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in json.loads(bpe.to_str())["model"]["merges"]
     ]
@@ -127,7 +175,7 @@ def build_tokenizer(max_length: int = 77) -> CLIPTokenizer:
     return tokenizer
 
 
-def build_components(tokenizer: CLIPTokenizer, seed: int = 0) -> dict:
+def build_components(tokenizer: CLIPTokenizer, design: Design = DESIGNS["minicanvas-64"], seed: int = 0) -> dict:
     """Freshly initialised components of a MiniCanvas model (the same seed gives the same weights)."""
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(
@@ -135,7 +183,7 @@ def build_components(tokenizer: CLIPTokenizer, seed: int = 0) -> dict:
             vocab_size=len(tokenizer),
             hidden_size=TEXT_WIDTH,
             intermediate_size=4 * TEXT_WIDTH,
-            num_hidden_layers=2,
+            num_hidden_layers=design.text_layers,
             num_attention_heads=4,
             max_position_embeddings=tokenizer.model_max_length,
             bos_token_id=tokenizer.bos_token_id,
@@ -144,13 +192,13 @@ def build_components(tokenizer: CLIPTokenizer, seed: int = 0) -> dict:
         )
     )
     unet = UNet2DConditionModel(
-        sample_size=16,
-        in_channels=12,
-        out_channels=12,
-        block_out_channels=(32, 64, 128),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        sample_size=design.latent_size,
+        in_channels=design.latent_channels,
+        out_channels=design.latent_channels,
+        block_out_channels=design.block_out_channels,
+        layers_per_block=design.layers_per_block,
+        down_block_types=design.down_block_types,
+        up_block_types=design.up_block_types,
         cross_attention_dim=TEXT_WIDTH,
         attention_head_dim=8,
         norm_num_groups=16,
@@ -164,7 +212,11 @@ def build_components(tokenizer: CLIPTokenizer, seed: int = 0) -> dict:
         prediction_type="v_prediction",
     )
     return {
-        "vae": PixelUnshuffleAutoencoder(),
+        # The pipeline reads its scale factor, 2 ** (levels - 1), from the autoencoder's block widths.
+        "vae": PixelUnshuffleAutoencoder(
+            factor=design.latent_factor,
+            block_out_channels=(design.latent_channels,) * design.latent_factor.bit_length(),
+        ),
         "text_encoder": text_encoder,
         "tokenizer": tokenizer,
         "unet": unet,
@@ -209,14 +261,15 @@ def _optimizer_state_from_tensors(optimizer: torch.optim.Optimizer, tensors: dic
 def train_model(
     out: Path,
     checkpoint: Path,
-    steps: int = 4000,
-    batch_size: int = 64,
+    steps: int | None = None,
+    batch_size: int = 48,
     learning_rate: float = 1e-3,
     seed: int = 0,
     checkpoint_every: int = 250,
     device: str = "cpu",
     text_length: int = 77,
     min_snr_gamma: float = 5.0,
+    design: Design = DESIGNS["minicanvas-64"],
 ) -> Path:
     """Train the UNet and the text encoder together, from scratch, on freshly drawn batches.
 
@@ -225,8 +278,9 @@ def train_model(
     from `seed` and the step number, so a resumed run sees the same data as an uninterrupted one.
     The EMA weights are saved, at every checkpoint, as a diffusers pipeline in `out`.
     """
-    tokenizer = build_tokenizer(text_length)
-    components = build_components(tokenizer, seed)
+    steps = steps or design.train_steps
+    tokenizer = build_tokenizer(design.canvas, text_length)
+    components = build_components(tokenizer, design, seed)
     unet, text_encoder = components["unet"].to(device), components["text_encoder"].to(device)
     trainable = list(unet.parameters()) + list(text_encoder.parameters())
     optimizer = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=0.01)
@@ -251,18 +305,19 @@ def train_model(
         for shadow, index in zip(ema.shadow_params, range(len(ema.shadow_params))):
             shadow.copy_(ema_weights[str(index)])
         ema.optimization_step = state["step"]
-        optimizer.load_state_dict(
-            _optimizer_state_from_tensors(optimizer, load_file(checkpoint / "optimizer.safetensors"))
-        )
+        if (checkpoint / "optimizer.safetensors").exists():  # absent where only the weights were kept
+            optimizer.load_state_dict(
+                _optimizer_state_from_tensors(optimizer, load_file(checkpoint / "optimizer.safetensors"))
+            )
         lr_schedule.last_epoch = state["step"]
         start, elapsed = state["step"], state["elapsed_s"]
         logger.info("resumed at step %d", start)
 
     began = time.time() - elapsed
     for step in range(start, steps):
-        pixels, captions, _, _ = data.sample_batch(batch_size, seed=seed * 1_000_003 + step)
+        pixels, captions, _, _ = design.canvas.sample_batch(batch_size, seed=seed * 1_000_003 + step)
         generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        latents = F.pixel_unshuffle(torch.from_numpy(pixels), 2).to(device)
+        latents = F.pixel_unshuffle(torch.from_numpy(pixels), design.latent_factor).to(device)
         noise = torch.randn(latents.shape, generator=generator).to(device)
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,), generator=generator).to(
             device
