@@ -9,7 +9,6 @@ from PIL import Image
 
 from saemnesia.cli import main
 from saemnesia.minicanvas import artifacts
-from saemnesia.minicanvas.data import CANVAS_32 as canvas
 from saemnesia.minicanvas.artifacts import (
     ARTIFACT_THRESHOLD,
     ArtifactDetector,
@@ -23,6 +22,7 @@ from saemnesia.minicanvas.artifacts import (
     untouched_generations,
 )
 from saemnesia.minicanvas.corruptions import CORRUPTIONS, MIN_CHANGE, colour_noise, corrupt
+from saemnesia.minicanvas.data import CANVAS_32 as canvas
 from saemnesia.worlds import ASSETS, MINICANVAS
 
 SHIPPED = ASSETS / "minicanvas" / "artifact-detector"

@@ -10,7 +10,6 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from saemnesia.cli import main
-from saemnesia.minicanvas.data import CANVAS_32 as canvas
 from saemnesia.minicanvas.classifier import (
     NO_OBJECT,
     ClassifierConfig,
@@ -23,6 +22,7 @@ from saemnesia.minicanvas.classifier import (
     train_classifier,
     world_quality,
 )
+from saemnesia.minicanvas.data import CANVAS_32 as canvas
 from saemnesia.worlds import MINICANVAS
 
 
@@ -34,7 +34,11 @@ def trained_folder(tmp_path_factory):
 
 
 def drawn_images() -> list[Image.Image]:
-    return [canvas.draw_pil("star", "neon", 1), canvas.draw_pil("house", "ocean", 2), canvas.draw_pil("tree", "polka", 3)]
+    return [
+        canvas.draw_pil("star", "neon", 1),
+        canvas.draw_pil("house", "ocean", 2),
+        canvas.draw_pil("tree", "polka", 3),
+    ]
 
 
 def test_short_training_writes_a_loadable_checkpoint_and_metrics(trained_folder):
