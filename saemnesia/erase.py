@@ -342,3 +342,47 @@ def replace_tokens(maps: Tensor, sources: Tensor, fallback: Tensor | None = None
         taken = maps.gather(1, sources.clamp_min(0).unsqueeze(-1).expand_as(maps))
     stranded = (sources < 0).unsqueeze(-1)
     return torch.where(stranded, maps if fallback is None else fallback, taken)
+
+
+PAINT_STRENGTH_RANGE = (-100.0, 100.0)
+"""Paint's strength, in multiples of the concept's mean activation at each step (the erasure's unit)."""
+
+
+@dataclass(frozen=True)
+class Paint:
+    """Paint one latent into (strength > 0) or out of (strength < 0) the masked tokens of a block, at a range of
+    sampler steps: each masked token moves by `strength * mean_acts[c, t, latent]` along the latent's decoder row,
+    `c` the concept the latent holds. The other tokens, and every token outside the steps, are left exactly as
+    they are."""
+
+    latent: int
+    mask: Tensor
+    """[h*w] bool, row-major over the block's token grid."""
+    amounts: Tensor
+    """[T] strength * the concept's mean activation, per statistics step."""
+    timesteps: Tensor
+    """[T] the statistics steps' timesteps, to map any sampler's steps onto them."""
+    steps: tuple[int, int]
+    """[first, last] sampler steps painted, inclusive."""
+
+    def amount(self, step: int, timestep: float) -> float:
+        """How far the masked tokens move at sampler step `step` (0 outside the step range)."""
+        if not self.steps[0] <= step <= self.steps[1]:
+            return 0.0
+        return float(self.amounts[int(torch.argmin((self.timesteps.float() - float(timestep)).abs()))])
+
+
+def paint_edit(stats: ConceptStats, concept: str, latent: int, strength: float, mask: Tensor, steps: tuple[int, int]):
+    """The `Paint` of `latent` at `strength` times `concept`'s mean activation on it, step by step."""
+    low, high = PAINT_STRENGTH_RANGE
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength):
+        raise ValueError(f"strength must be a finite number in [{low:g}, {high:g}], got {strength!r}.")
+    if not low <= strength <= high:
+        raise ValueError(f"strength must be in [{low:g}, {high:g}], got {strength!r}.")
+    amounts = float(strength) * stats.mean_acts[stats.index(concept), :, latent]
+    return Paint(latent, mask, amounts, stats.timesteps, steps)
+
+
+def paint_tokens(tokens: Tensor, mask: Tensor, direction: Tensor, amount: float) -> Tensor:
+    """`tokens` [M, h*w, d] with `amount * direction` added on the masked positions `[h*w]` only."""
+    return tokens + (amount * mask.to(tokens.dtype)).view(1, -1, 1) * direction.to(tokens.dtype)

@@ -24,12 +24,14 @@ from saemnesia.erase import (
     PER_RULE,
     EditEncoder,
     Erasure,
+    Paint,
     PreparedEdit,
     ReplaceRule,
     apply_step_edit,
     detected_tokens,
     dilated,
     grid_distances,
+    paint_tokens,
     rank_counted_changes,
     replace_tokens,
     replacement_sources,
@@ -134,6 +136,8 @@ class SaeHook:
     keep_outputs: bool = False
     """Keep the block's output after the edit, every step, all rows (`PairResult.block_outputs`): to see
     where the edit moves the activations (`drift`)."""
+    paint: Paint | None = None
+    """A latent painted into the erased rows' masked tokens (after any erasure), at its steps."""
 
 
 def _block_edit(
@@ -159,7 +163,7 @@ def _block_edit(
         )
         return hidden, sources
 
-    def edit(hidden: Tensor, step: int) -> Tensor:
+    def erase_and_record(hidden: Tensor, step: int) -> Tensor:
         step_edit = step_edits[step]
         if step_edit is None and not hook.record:
             return hidden
@@ -196,6 +200,24 @@ def _block_edit(
             )
         )
         return hidden
+
+    paint = hook.paint
+    direction = None if paint is None else hook.sae.W_dec.detach()[paint.latent]
+
+    def edit(hidden: Tensor, step: int) -> Tensor:
+        hidden = erase_and_record(hidden, step)
+        amount = 0.0 if paint is None else paint.amount(step, timesteps[step])
+        if not amount:
+            return hidden
+        if hook.record:  # the trace's mask: the painted tokens of the painted rows
+            codes[-1][2][originals:] |= paint.mask.cpu()
+        channels, h, w = hidden.shape[1:]
+        painted = hidden.clone()
+        rows = _erased_view(painted, batch, originals)
+        tokens = rows.permute(0, 1, 3, 4, 2).reshape(-1, h * w, channels)
+        new_tokens = paint_tokens(tokens, paint.mask.to(hidden.device), direction, amount)
+        rows.copy_(new_tokens.view(*rows.shape[:2], h, w, channels).permute(0, 1, 4, 2, 3))
+        return painted
 
     return edit
 
@@ -329,6 +351,11 @@ def generate_pairs(
              "strength": hook.erasure.strength, "start_step": hook.erasure.start_step,
              "intervention": hook.erasure.intervention}
             for hook in hooks if hook.erasure is not None
+        ],
+        "paints": [
+            {"block": hook.block, "latent": hook.paint.latent, "tokens": int(hook.paint.mask.sum()),
+             "steps": list(hook.paint.steps)}
+            for hook in hooks if hook.paint is not None
         ],
     }  # fmt: skip
     return PairResult(images[:originals], images[originals:], list(prompts), settings, traces, block_outputs)

@@ -44,6 +44,17 @@ def block_width(unet: nn.Module, name: str) -> int:
     raise HookPointError(f"Cannot tell the output width of block '{name}' ({type(block).__name__}).")
 
 
+def block_grid(unet: nn.Module, name: str, latent_height: int, latent_width: int) -> tuple[int, int]:
+    """The token grid (height, width) a UNet block works on, for latents of the given size: a diffusers UNet
+    halves the resolution after each down block but the last, and doubles it after each up block but the last."""
+    get_block(unet, name)
+    levels = len(unet.config.block_out_channels)
+    part, _, rest = name.partition(".")
+    index = int(rest.split(".")[0]) if part in ("down_blocks", "up_blocks") else 0
+    factor = {"down_blocks": 2**index, "mid_block": 2 ** (levels - 1), "up_blocks": 2 ** (levels - 1 - index)}[part]
+    return latent_height // factor, latent_width // factor
+
+
 class BlockHook:
     """State of one hooked generation: the step counter and, if asked, every step's output."""
 

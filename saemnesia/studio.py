@@ -10,6 +10,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from diffusers import StableDiffusionPipeline
@@ -21,14 +22,21 @@ from saemnesia.erase import (
     PER_RULE,
     ReplaceRule,
     check_strength,
+    paint_edit,
     saemnesia_erasure,
     saeuron_erasure,
 )
 from saemnesia.generate import PairResult, SaeHook, check_sae_fits, generate_pairs
+from saemnesia.hooks import block_grid
 from saemnesia.sae import Sae
 from saemnesia.worlds import World, load_pipeline
 
+if TYPE_CHECKING:  # the index module reads collections, whose package imports this one
+    from saemnesia.latent_index import ImageTable, LatentIndex
+
 VARIANT_OF_METHOD = {"saemnesia": "supervised", "saeuron": "unsupervised"}
+LATENTS_FOLDER = "latents"
+"""Where a world's assets keep its latent indexes and their images (`index-latents`)."""
 STATS_FILE = "stats.safetensors"
 DICTIONARY_FILE = "dictionary.json"
 LIMITS = {"steps": (1, 150), "guidance": (0.0, 30.0), "seed": (0, 2**32 - 1), "features_per_step": (1, 64)}
@@ -59,6 +67,8 @@ class SaeBundle:
     block: str
     stats: ConceptStats
     dictionary: ConceptDictionary | None = None
+    index: LatentIndex | None = None
+    """The SAE's latent index (`index-latents`), where the world's assets hold one."""
 
     @classmethod
     def load(cls, folder: Path, block: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> SaeBundle:
@@ -92,6 +102,8 @@ class Studio:
     """By (method, kind), e.g. ("saemnesia", "object"): the SAEs on the world's hook points."""
     extra_bundles: dict[tuple[str, str], tuple[SaeBundle, ...]] = field(default_factory=dict)
     """SAEs on further blocks that erase the same kind alongside (`load`'s `extra_blocks`)."""
+    images: ImageTable | None = None
+    """The thumbnails the latent indexes show."""
 
     @classmethod
     def load(
@@ -123,7 +135,17 @@ class Studio:
                 extra_bundles[method, kind] = tuple(
                     _load_extra(pipeline, world.sae_folder(variant, kind, block), block) for block in blocks
                 )
-        return cls(world, pipeline, bundles, extra_bundles)
+        from saemnesia.latent_index import ImageTable, LatentIndex, index_name
+
+        images = None
+        indexes = world.assets / LATENTS_FOLDER if world.assets else None
+        if indexes is not None and (indexes / "images.json").is_file():
+            images = ImageTable.load(indexes)
+            for (method, _), bundle in bundles.items():
+                variant = VARIANT_OF_METHOD[method]
+                if (indexes / f"{index_name(variant, bundle.block)}.json").is_file():
+                    bundle.index = LatentIndex.load(indexes, variant, bundle.block)
+        return cls(world, pipeline, bundles, extra_bundles, images)
 
     def check_prompt(self, prompt: object) -> tuple[str, str | None]:
         """The prompt, and a warning if the tokenizer will truncate it."""
@@ -265,3 +287,86 @@ class Studio:
         )
         result.settings["warnings"] = warnings
         return result
+
+    def token_grid(self, kind: str) -> tuple[int, int]:
+        """The (height, width) token grid of the kind's block at the world's image size."""
+        scale = self.pipeline.vae_scale_factor
+        block = self.world.block_for(kind)
+        return block_grid(self.pipeline.unet, block, self.world.height // scale, self.world.width // scale)
+
+    def bundle(self, method: str, kind: str) -> SaeBundle:
+        if method not in METHODS:
+            raise SettingsError(f"method must be one of {', '.join(METHODS)}, got {method!r}.")
+        if kind not in ("object", "style"):
+            raise SettingsError(f"kind must be 'object' or 'style', got {kind!r}.")
+        bundle = self.bundles.get((method, kind))
+        if bundle is None:
+            raise SettingsError(
+                f"No {method} SAE for {kind}s in this world: train one (`python -m saemnesia finetune`)."
+            )
+        return bundle
+
+    def resolve_latent(self, target: object, kind: str, method: str = "saemnesia") -> tuple[SaeBundle, int, str]:
+        """A latent named by a concept (SAEmnesia: its dictionary latent; SAeUron: its best-scoring one) or by
+        its index, with its SAE and the concept it holds (for an index: the concept its score ties it to)."""
+        if isinstance(target, str) and target.strip().lstrip("-").isdigit():
+            target = int(target)
+        if isinstance(target, str):
+            check_concepts([target], list(self.world.concepts))
+            bundle = self.bundle(method, self.world.kind_of(target))
+            if bundle.dictionary is not None:
+                return bundle, bundle.dictionary.latent(target), target
+            return bundle, int(bundle.stats.score_profile(target).argmax()), target
+        bundle = self.bundle(method, kind)
+        latents = bundle.sae.num_latents
+        if isinstance(target, bool) or not isinstance(target, int) or not 0 <= target < latents:
+            raise SettingsError(f"latent must be a concept name or an integer in [0, {latents - 1}], got {target!r}.")
+        concept = bundle.stats.concepts[int(bundle.stats.scores().mean(1)[:, target].argmax())]
+        return bundle, target, concept
+
+    def check_mask(self, mask: object, kind: str) -> torch.Tensor:
+        """A token mask for the kind's block: rows of 0/1 (or booleans), as many as its grid; returned flat."""
+        height, width = self.token_grid(kind)
+        expected = f"mask must be a {height} x {width} grid of 0 and 1 (the {kind} block's tokens)"
+        try:
+            grid = torch.as_tensor(mask, dtype=torch.float32)
+        except (TypeError, ValueError, RuntimeError):
+            raise SettingsError(f"{expected}, got {type(mask).__name__}.") from None
+        if tuple(grid.shape) != (height, width):
+            raise SettingsError(f"{expected}, got shape {tuple(grid.shape)}.")
+        if not bool(((grid == 0) | (grid == 1)).all()):
+            raise SettingsError(f"{expected}; it holds other values.")
+        return grid.flatten().bool()
+
+    def paint(
+        self,
+        prompt: str,
+        target: object,
+        mask: object,
+        strength: float,
+        kind: str = "object",
+        steps_painted: tuple[int, int] | None = None,
+        seed: int = 0,
+        method: str = "saemnesia",
+        record: bool = True,
+    ) -> PairResult:
+        """Original and painted image of `prompt` from `seed`: the latent `target` (a concept's, or an index on
+        the `kind` block) moved by `strength` times its concept's mean activation on the masked tokens, at the
+        sampler steps `steps_painted` (first, last; default all). Settings are checked first."""
+        prompt = self.check_prompt(prompt)[0]
+        _check_number("seed", seed, integer=True)
+        bundle, latent, concept = self.resolve_latent(target, kind, method)
+        kind = self.world.kind_of(target) if isinstance(target, str) and target in self.world.concepts else kind
+        token_mask = self.check_mask(mask, kind)
+        last = self.world.steps - 1
+        first_step, last_step = (0, last) if steps_painted is None else steps_painted
+        for name, value in (("first painted step", first_step), ("last painted step", last_step)):
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= last:
+                raise SettingsError(f"{name} must be an integer in [0, {last}], got {value!r}.")
+        if first_step > last_step:
+            raise SettingsError(f"the first painted step ({first_step}) is after the last ({last_step}).")
+        try:
+            paint = paint_edit(bundle.stats, concept, latent, strength, token_mask, (first_step, last_step))
+        except ValueError as error:
+            raise SettingsError(str(error)) from None
+        return self.generate([prompt], [SaeHook(bundle.block, bundle.sae, None, record, paint=paint)], seed)

@@ -10,12 +10,15 @@ MINICANVAS_WORLDS = ("minicanvas", "minicanvas-64")
 """The worlds drawn procedurally, which have a model, classifier and artifact detector of their own."""
 
 
+WORLD_NAMES = (*MINICANVAS_WORLDS, "sd")
+
+
 def add_canvas_world_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--world", choices=MINICANVAS_WORLDS, default="minicanvas", help="which MiniCanvas")
 
 
 def add_world_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--world", choices=[*MINICANVAS_WORLDS, "sd"], default="minicanvas")
+    parser.add_argument("--world", choices=WORLD_NAMES, default="minicanvas")
     parser.add_argument("--model", help="diffusers folder or hub id (default: the world's model)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA if present)")
 

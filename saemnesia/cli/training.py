@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from saemnesia.cli.common import add_world_arguments, sae_folder
+from saemnesia.cli.common import WORLD_NAMES, add_world_arguments, sae_folder
 
 
 def _training_world(args: argparse.Namespace):
@@ -177,8 +177,66 @@ def _centralisation(args: argparse.Namespace) -> None:
     print(centralisation_table(report))
 
 
+def _index_latents(args: argparse.Namespace) -> None:
+    import json
+
+    from saemnesia.concepts import ConceptDictionary, ConceptStats
+    from saemnesia.latent_index import index_latents
+    from saemnesia.sae import Sae
+    from saemnesia.studio import DICTIONARY_FILE, LATENTS_FOLDER, STATS_FILE
+    from saemnesia.train import Activations
+    from saemnesia.worlds import WORLDS
+
+    world = WORLDS[args.world]
+    activations = Activations.open(args.activations or f"runs/{world.name}-activations")
+    saes = []
+    for variant in ("supervised", "unsupervised"):
+        for kind in ("object", "style"):
+            folder, block = world.sae_folder(variant, kind), world.block_for(kind)
+            if not (folder / STATS_FILE).is_file() or block not in activations.settings["blocks"]:
+                continue
+            dictionary = ConceptDictionary.load(folder / DICTIONARY_FILE) if variant == "supervised" else None
+            saes.append((variant, block, Sae.load(folder), ConceptStats.load(folder / STATS_FILE), dictionary))
+    if not saes:
+        raise ValueError(f"No SAE with statistics in {world.assets / 'sae'} reads a block of {activations.folder}.")
+    summary = index_latents(activations, saes, Path(args.out or world.assets / LATENTS_FOLDER), top=args.top)
+    print(json.dumps(summary, indent=1))
+
+
+def _latent(args: argparse.Namespace) -> None:
+    import json
+
+    from saemnesia.cli.common import load_studio
+
+    studio = load_studio(args)
+    bundle, latent, concept = studio.resolve_latent(args.latent, args.kind, args.method)
+    if bundle.index is None:
+        raise ValueError(f"No latent index for {args.method}'s {args.kind} SAE: make one with `index-latents`.")
+    index, images = bundle.index, studio.images
+    shown = [image for image in index.top_images[latent].tolist() if image >= 0]
+    page = {
+        "latent": latent,
+        "block": bundle.block,
+        "concept": index.concepts[latent],
+        "density": float(index.density()[latent]),
+        "mean_activation": float(index.mean_activation()[latent]),
+        "max_activation": float(index.max_activations[latent]),
+        "nearest": dict(zip(index.nearest[latent].tolist(), index.nearest_cosine[latent].round(decimals=3).tolist())),
+        "top_images": [
+            {
+                "prompt": images.prompts[images.row(image)],
+                "seed": images.seeds[images.row(image)],
+                "step": int(index.top_steps[latent, slot]),
+                "activation": round(float(index.top_activations[latent, slot]), 4),
+            }
+            for slot, image in enumerate(shown)
+        ],
+    }
+    print(json.dumps(page, indent=1))
+
+
 def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--world", choices=["minicanvas", "sd"], default="minicanvas")
+    parser.add_argument("--world", choices=WORLD_NAMES, default="minicanvas")
     parser.add_argument("--kind", choices=["object", "style"], default="object", help="the world's hook point for it")
     parser.add_argument("--block", help="another hook point for the SAE (default: the world's for --kind)")
     parser.add_argument("--activations", help="collected activations (default: runs/<world>-activations)")
@@ -247,8 +305,24 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     finetune.add_argument("--seed", type=int, default=0)
     finetune.set_defaults(run=_finetune)
 
+    index = commands.add_parser(
+        "index-latents", help="every SAE latent's top images, density and neighbours, from a collection (resumable)"
+    )
+    index.add_argument("--world", choices=WORLD_NAMES, default="minicanvas")
+    index.add_argument("--activations", help="a collection of both SAE blocks (default: runs/<world>-activations)")
+    index.add_argument("--out", help="default: assets/<world>/latents")
+    index.add_argument("--top", type=int, default=8, help="images kept per latent")
+    index.set_defaults(run=_index_latents)
+
+    latent = commands.add_parser("latent", help="one latent's page from the index, as JSON")
+    add_world_arguments(latent)
+    latent.add_argument("latent", help="a concept name (its latent) or a latent index")
+    latent.add_argument("--kind", choices=["object", "style"], default="object", help="whose SAE, for an index")
+    latent.add_argument("--method", choices=["saemnesia", "saeuron"], default="saemnesia")
+    latent.set_defaults(run=_latent)
+
     centralisation = commands.add_parser("centralisation", help="score share of each concept's best latent")
-    centralisation.add_argument("--world", choices=["minicanvas", "sd"], default="minicanvas")
+    centralisation.add_argument("--world", choices=WORLD_NAMES, default="minicanvas")
     centralisation.add_argument("--kind", choices=["object", "style"], default="object")
     centralisation.add_argument("--block", help="another hook point (default: the world's for --kind)")
     centralisation.add_argument("--unsupervised", help="unsupervised SAE folder (default: the world's)")

@@ -1,7 +1,8 @@
 """A collection of activations on disk: its layout, and reading it back one shard at a time.
 
 `collect` (collection.py) writes a folder of safetensors shards and a `manifest.json`; each shard holds,
-per hooked block, float16 tokens `[N, d]`, and the `labels` of every image and step (see `LABELS`).
+per hooked block, float16 tokens `[N, d]`, the `labels` of every image and step (see `LABELS`) and each
+image's thumbnail, `images` `[B, h, w, 3]` uint8.
 Images are the unit of the held-out splits: all steps and tokens of an image fall on the same side.
 """
 
@@ -100,6 +101,18 @@ class Activations:
         with safe_open(str(self.folder / self.manifest["shards"][shard]), framework="pt") as handle:
             tokens, labels = handle.get_tensor(block), handle.get_tensor("labels").long()
         return tokens.view(len(labels), -1, tokens.shape[-1]), labels
+
+    @property
+    def has_images(self) -> bool:
+        """Whether the shards keep each image's thumbnail (collections made before they did, do not)."""
+        with safe_open(str(self.folder / self.manifest["shards"][0]), framework="pt") as handle:
+            return "images" in handle.keys()
+
+    def load_images(self, shard: int) -> tuple[Tensor, Tensor]:
+        """A shard's image ids `[B]` and thumbnails `[B, h, w, 3]` uint8."""
+        with safe_open(str(self.folder / self.manifest["shards"][shard]), framework="pt") as handle:
+            labels, images = handle.get_tensor("labels").long(), handle.get_tensor("images")
+        return torch.unique_consecutive(labels[:, IMAGE]), images
 
     def _check_block(self, block: str) -> None:
         if block not in self.settings["blocks"]:

@@ -51,6 +51,17 @@ def labelled_prompts(world: World) -> list[LabelledPrompt]:
     ]
 
 
+THUMBNAIL_SIZE = 128
+"""The largest side a collection keeps of its images: MiniCanvas's whole, a Stable Diffusion image at 128 px."""
+
+
+def thumbnails(images: Tensor) -> Tensor:
+    """[B, h, w, 3] uint8 from the pipeline's [B, 3, H, W] in [0, 1], shrunk by area to at most `THUMBNAIL_SIZE`."""
+    scale = max(1, -(-max(images.shape[-2:]) // THUMBNAIL_SIZE))
+    small = torch.nn.functional.avg_pool2d(images.float(), scale) if scale > 1 else images.float()
+    return (small.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().contiguous()
+
+
 @torch.no_grad()
 def _generate_shard(
     pipeline: StableDiffusionPipeline,
@@ -61,25 +72,26 @@ def _generate_shard(
     timesteps: list[int],
     first_seed: int,
 ) -> dict[str, Tensor]:
-    """One pipeline call on a batch of images: each block's conditional tokens and the labels.
+    """One pipeline call on a batch of images: each block's conditional tokens, the labels and the images.
 
     Image i has prompt i mod P and starts from the noise of seed `first_seed + i`. Tokens are ordered
-    by image, then step, then position; `labels` holds one row per image and step.
+    by image, then step, then position; `labels` holds one row per image and step; `images` each image's
+    thumbnail (`thumbnails`), for the latent index to show.
     """
     batch = [prompts[image % len(prompts)] for image in images]
     noise = torch.cat([initial_noise(pipeline, first_seed + image, world.height, world.width) for image in images])
     with model_lock(pipeline), ExitStack() as stack:
         hooks = {block: stack.enter_context(hooked_block(pipeline.unet, block, record=True)) for block in blocks}
-        pipeline(
+        pictures = pipeline(
             prompt=[prompt.text for prompt in batch],
             latents=noise.to(pipeline.device, pipeline.unet.dtype),
             num_inference_steps=world.steps,
             guidance_scale=world.guidance,
             height=world.height,
             width=world.width,
-            output_type="latent",
-        )
-    tensors = {}
+            output_type="pt",
+        ).images
+    tensors = {"images": thumbnails(pictures)}
     for block, hook in hooks.items():
         if len(hook.outputs) != len(timesteps):
             raise RuntimeError(f"Block '{block}' ran {len(hook.outputs)} times for {len(timesteps)} sampler steps.")

@@ -1,0 +1,89 @@
+"""Paint: a latent moved along its decoder row on the masked tokens only, at its steps; an empty mask changes
+nothing; every bad setting is refused by name."""
+
+import math
+
+import pytest
+import torch
+from conftest import make_tiny_studio
+
+from saemnesia.erase import paint_edit
+from saemnesia.generate import SaeHook
+from saemnesia.studio import SettingsError
+
+PROMPT = "a star in neon style"
+
+
+@pytest.fixture(scope="module")
+def studio():
+    return make_tiny_studio()
+
+
+def centre_mask(studio, kind: str = "object") -> torch.Tensor:
+    height, width = studio.token_grid(kind)
+    mask = torch.zeros(height, width)
+    mask[height // 4 : 3 * height // 4, width // 4 : 3 * width // 4] = 1
+    return mask
+
+
+def test_an_empty_mask_gives_the_original_exactly(studio):
+    empty = torch.zeros(studio.token_grid("object")).tolist()
+    result = studio.paint(PROMPT, "star", empty, strength=50.0)
+    assert torch.equal(
+        torch.tensor(list(result.originals[0].getdata())), torch.tensor(list(result.erased[0].getdata()))
+    )
+    latent = studio.resolve_latent("star", "object")[1]
+    assert result.settings["paints"] == [
+        {"block": studio.world.object_block, "latent": latent, "tokens": 0, "steps": [0, 1]}
+    ]
+
+
+def test_paint_moves_only_the_masked_tokens_of_the_hooked_block_at_its_steps(studio):
+    bundle, latent, concept = studio.resolve_latent("star", "object")
+    mask = centre_mask(studio).flatten().bool()
+    paint = paint_edit(bundle.stats, concept, latent, 20.0, mask, (1, 1))
+    hook = SaeHook(bundle.block, bundle.sae, None, keep_outputs=True, paint=paint)
+    result = studio.generate([PROMPT], [hook], seed=3)
+    outputs = result.block_outputs[bundle.block]  # [steps, rows, C, h, w]: [uncond orig, uncond painted, cond ...]
+    original, painted = outputs[:, 0::2], outputs[:, 1::2]
+    assert torch.equal(original[0], painted[0])  # step 0 is not painted
+    change = (painted[1] - original[1]).flatten(2).transpose(1, 2)  # [halves, h*w, C]
+    assert torch.equal(change[:, ~mask], torch.zeros_like(change[:, ~mask]))
+    step_amount = float(paint.amounts[1])  # the tiny world's statistics have one step per sampler step
+    direction = bundle.sae.W_dec.detach()[latent]
+    assert step_amount != 0
+    assert torch.allclose(change[:, mask], (step_amount * direction).expand_as(change[:, mask]), atol=1e-5)
+    assert result.erased[0] != result.originals[0]
+
+
+def test_the_trace_marks_the_painted_tokens_of_the_painted_image_only(studio):
+    result = studio.paint(PROMPT, "heart", centre_mask(studio).tolist(), strength=30.0)
+    trace = result.traces[studio.world.object_block]
+    assert bool(trace.edited[-1, 1].any()) and not bool(trace.edited[-1, 0].any())
+    assert torch.equal(trace.edit_mask(0, 1).float(), centre_mask(studio))
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"mask": [[1, 0], [0, 1]]}, "mask must be a 8 x 8 grid"),
+        ({"mask": "everywhere"}, "mask must be a 8 x 8 grid"),
+        ({"mask": [[2] * 8] * 8}, "holds other values"),
+        ({"target": 10_000}, "latent must be a concept name or an integer in [0, 255]"),
+        ({"target": -1}, "latent must be a concept name or an integer"),
+        ({"target": "unicorn"}, "Unknown concept"),
+        ({"strength": math.nan}, "strength must be a finite number"),
+        ({"strength": math.inf}, "strength must be a finite number"),
+        ({"strength": 1e6}, "strength must be in [-100, 100]"),
+        ({"steps_painted": (0, 2)}, "last painted step must be an integer in [0, 1]"),
+        ({"steps_painted": (1, 0)}, "is after the last"),
+        ({"kind": "colour", "target": 3}, "kind must be 'object' or 'style'"),
+        ({"seed": -4}, "seed must be in"),
+        ({"prompt": " "}, "prompt must be a non-empty text"),
+    ],
+)
+def test_bad_paint_settings_are_refused_by_name_and_leave_the_model_alone(studio, changes, message):
+    settings = {"prompt": PROMPT, "target": "star", "mask": centre_mask(studio).tolist(), "strength": 10.0, **changes}
+    with pytest.raises((SettingsError, KeyError), match=message.replace("[", r"\[").replace("]", r"\]")):
+        studio.paint(**settings)
+    assert not any(module._forward_hooks for module in studio.pipeline.unet.modules())
