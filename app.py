@@ -34,6 +34,7 @@ from ui.erase import DEFAULT_INTERVENTION, INTERVENTION_CHOICES, METHOD_CHOICES,
 from ui.inspect import inspect_tab  # noqa: E402
 from ui.metrics import metrics_tab  # noqa: E402
 from ui.neurons import neurons_tab  # noqa: E402
+from ui.paint import paint_tab  # noqa: E402
 from ui.shared import PIXELS, whole_as_int  # noqa: E402
 
 ABOUT = """
@@ -114,7 +115,9 @@ def build_app(studio: Studio, classifier=None) -> gr.Blocks:
             with gr.Tab("Inspect"):
                 inspect_tab(studio, last_run)
             with gr.Tab("Neurons"):
-                neurons_tab(studio, results)
+                neurons_tab(studio, results, last_run)
+            with gr.Tab("Paint"):
+                paint_tab(studio, classifier)
             with gr.Tab("Metrics"):
                 metrics_tab(studio, classifier, results)
             with gr.Tab("About"):
@@ -122,7 +125,7 @@ def build_app(studio: Studio, classifier=None) -> gr.Blocks:
     return app
 
 
-ZERO_GPU_EVENTS = ("erase", "neighbours", "quick_check", "attack_images")
+ZERO_GPU_EVENTS = ("erase", "neighbours", "quick_check", "attack_images", "paint")
 """The events that generate images: on ZeroGPU each runs under `spaces.GPU`, the rest on the CPU."""
 ZERO_GPU_START_SECONDS = 15
 """A ZeroGPU call's cost before its first step (its worker's start, the model's move to the GPU): an estimate."""
@@ -161,6 +164,8 @@ def gpu_image_steps(world, api_name: str, arguments: dict) -> int:
     if api_name == "quick_check":  # per seed, eight prompts' originals and erased copies
         seeds = whole_as_int(arguments.get("seeds"))
         return 16 * (seeds if isinstance(seeds, int) and 0 < seeds <= 8 else 8) * world.steps
+    if api_name == "paint":  # one pair at the world's steps
+        return 2 * world.steps
     return 4 * world.steps  # attack_images: two prompts' pairs
 
 

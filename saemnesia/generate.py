@@ -90,6 +90,15 @@ class Trace:
         hits = self.top_indices[step, row] == latent
         return (self.top_acts[step, row] * hits).sum(-1).reshape(self.height, self.width)
 
+    def top_latents(self, step: int, row: int, count: int = 8) -> list[tuple[int, float]]:
+        """The latents that fire most on one image at one step, by their largest activation over its tokens."""
+        acts, indices = self.top_acts[step, row].flatten(), self.top_indices[step, row].flatten()
+        peaks: dict[int, float] = {}
+        for latent, activation in zip(indices.tolist(), acts.tolist()):
+            if activation > 0 and activation > peaks.get(latent, 0.0):
+                peaks[latent] = activation
+        return sorted(peaks.items(), key=lambda item: -item[1])[:count]
+
     def edit_mask(self, step: int, row: int) -> Tensor:
         return self.edited[step, row].reshape(self.height, self.width)
 

@@ -18,8 +18,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
+from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
@@ -169,6 +171,86 @@ class ImageTable:
         tensors = load_file(folder / f"{IMAGES_FILE}.safetensors")
         meta = json.loads((folder / f"{IMAGES_FILE}.json").read_text())
         return cls(tensors["ids"], tensors["thumbnails"], meta["prompts"], meta["seeds"])
+
+
+class PageImage(NamedTuple):
+    """One of a latent's top images: its thumbnail, the latent's token map there and where it came from."""
+
+    thumbnail: Image.Image
+    activation_map: Tensor
+    """[h, w]"""
+    activation: float
+    prompt: str
+    seed: int
+    step: int
+
+
+class LatentPage(NamedTuple):
+    """What the explorer shows of one latent."""
+
+    latent: int
+    block: str
+    concept: dict
+    density: float
+    mean_activation: float
+    max_activation: float
+    histogram: list[tuple[float, int]]
+    """(lower bin edge, count) of the bins it fired in."""
+    nearest: list[tuple[int, float, str]]
+    """(latent, decoder cosine, the concept it is tied to)"""
+    images: list[PageImage]
+
+    def summary(self) -> dict:
+        """The page as JSON-ready data, images by prompt and seed."""
+        return {
+            "latent": self.latent,
+            "block": self.block,
+            "concept": self.concept,
+            "density": self.density,
+            "mean_activation": round(self.mean_activation, 4),
+            "max_activation": round(self.max_activation, 4),
+            "nearest": [{"latent": n, "cosine": round(c, 3), "concept": name} for n, c, name in self.nearest],
+            "top_images": [
+                {"prompt": i.prompt, "seed": i.seed, "step": i.step, "activation": round(i.activation, 4)}
+                for i in self.images
+            ],
+        }
+
+
+def latent_page(index: LatentIndex, images: ImageTable, latent: int) -> LatentPage:
+    """The latent's page, from the index alone (nothing is generated)."""
+    latent = index.check_latent(latent)
+    height, width = index.grid
+    shown = []
+    for slot, image in enumerate(index.top_images[latent].tolist()):
+        if image < 0:
+            continue
+        row = images.row(image)
+        shown.append(
+            PageImage(
+                Image.fromarray(images.thumbnails[row].numpy()),
+                index.top_maps[latent, slot].float().view(height, width),
+                float(index.top_activations[latent, slot]),
+                images.prompts[row],
+                images.seeds[row],
+                int(index.top_steps[latent, slot]),
+            )
+        )
+    counts = index.histogram[latent].tolist()
+    return LatentPage(
+        latent,
+        index.block,
+        index.concepts[latent],
+        float(index.density()[latent]),
+        float(index.mean_activation()[latent]),
+        float(index.max_activations[latent]),
+        [(float(HISTOGRAM_EDGES[b]), count) for b, count in enumerate(counts) if count],
+        [
+            (n, float(c), index.concepts[n]["concept"])
+            for n, c in zip(index.nearest[latent].tolist(), index.nearest_cosine[latent].tolist())
+        ],
+        shown,
+    )
 
 
 class _Accumulator:

@@ -99,3 +99,22 @@ def make_tiny_studio():
 @pytest.fixture(scope="session")
 def tiny_studio():
     return make_tiny_studio()
+
+
+def index_tiny_studio(studio, folder: Path) -> None:
+    """Collect the tiny studio's world (one seed per prompt) and index its SAEs, as `index-latents` does."""
+    from saemnesia.latent_index import ImageTable, LatentIndex, index_latents
+    from saemnesia.studio import VARIANT_OF_METHOD
+    from saemnesia.train import collect
+
+    activations = collect(
+        studio.world, studio.pipeline, folder / "activations", seeds_per_prompt=1, images_per_shard=4, progress=False
+    )
+    saes = [
+        (VARIANT_OF_METHOD[method], bundle.block, bundle.sae, bundle.stats, bundle.dictionary)
+        for (method, _), bundle in studio.bundles.items()
+    ]
+    index_latents(activations, saes, folder / "latents", top=4, progress=False)
+    studio.images = ImageTable.load(folder / "latents")
+    for (method, _), bundle in studio.bundles.items():
+        bundle.index = LatentIndex.load(folder / "latents", VARIANT_OF_METHOD[method], bundle.block)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import gradio as gr
 import pytest
+from conftest import index_tiny_studio
 from gradio_client import Client
 
 import app as studio_app
@@ -25,7 +26,8 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def served(tiny_studio):
+def served(tiny_studio, tmp_path_factory):
+    index_tiny_studio(tiny_studio, tmp_path_factory.mktemp("index"))
     demo = studio_app.build_app(tiny_studio, classifier=None)
     demo.queue(default_concurrency_limit=1, max_size=8)
     port = free_port()
@@ -56,6 +58,9 @@ def test_every_event_has_an_api_name(client):
         "/score_profile",
         "/concept_table",
         "/quick_check",
+        "/latent_page",
+        "/explore_image",
+        "/paint",
     }
     assert named <= endpoints
 
@@ -71,6 +76,54 @@ def test_erase_returns_the_pair_and_panes_then_neighbours(client):
         "“a circle in neon style” erased",
         "“a heart in neon style” erased",
     ]
+
+
+def test_a_latent_page_shows_its_top_images_density_and_neighbours(client, tiny_studio):
+    info, gallery, histogram, nearest = client.predict("star", "object", "saemnesia", api_name="/latent_page")
+    latent = tiny_studio.bundles["saemnesia", "object"].dictionary.latent("star")
+    index = tiny_studio.bundles["saemnesia", "object"].index
+    assert f"**Latent {latent}**" in info and "bound to **star**" in info
+    assert len(gallery) == int((index.top_images[latent] >= 0).sum()) > 0
+    assert all("seed" in item["caption"] and "step" in item["caption"] for item in gallery)
+    assert sum(row[1] for row in histogram["data"]) == int(index.fire_counts[latent])
+    assert [row[0] for row in nearest["data"]] == index.nearest[latent].tolist()
+    by_number = client.predict(str(latent), "object", "saemnesia", api_name="/latent_page")
+    assert by_number[0] == info
+    for query, message in (("9999", "latent must be a concept name or an integer in [0, 255]"), ("unicorn", "Unknown")):
+        with pytest.raises(Exception, match=message.replace("[", r"\[").replace("]", r"\]")):
+            client.predict(query, "object", "saemnesia", api_name="/latent_page")
+
+
+def test_explore_image_lists_the_last_images_top_latents(client):
+    with pytest.raises(Exception, match="No image yet"):
+        Client(client.src, verbose=False).predict("object", "original", 1, api_name="/explore_image")
+    client.predict("a star in neon style", ["star"], "SAEmnesia", -10, 0, 2, 5.0, 0, 1, -10, "Steer", api_name="/erase")
+    gallery = client.predict("object", "erased", 1, api_name="/explore_image")
+    assert 0 < len(gallery) <= 8 and all(item["caption"].startswith("latent ") for item in gallery)
+
+
+def test_paint_returns_the_pair_and_the_latents_heatmap_and_refuses_bad_masks(client, tiny_studio):
+    height, width = tiny_studio.token_grid("object")
+    middle = "\n".join("".join("1" if height // 4 <= r < 3 * height // 4 and width // 4 <= c < 3 * width // 4 else "0"
+                                for c in range(width)) for r in range(height))  # fmt: skip
+    pair, panes, status = client.predict(
+        "a circle in neon style", "star", "object", "saemnesia", 30, middle, 0, 1, 0, api_name="/paint"
+    )
+    assert len(pair) == 2 and [pane["caption"].split(" ")[0] for pane in panes] == ["original", "painted", "latent"]
+    assert f"on {middle.count('1')} tokens" in status
+    for mask, message in (
+        ("0110", f"mask must be a {height} x {width} grid"),
+        ("01x", "only 0 and 1"),
+        ("", "rows of"),
+    ):
+        with pytest.raises(Exception, match=message):
+            client.predict(
+                "a circle in neon style", "star", "object", "saemnesia", 30, mask, 0, 1, 0, api_name="/paint"
+            )
+    with pytest.raises(Exception, match=r"strength must be in \[-100, 100\]"):  # NaN: tests/test_paint.py
+        client.predict("a circle", "star", "object", "saemnesia", 1e6, middle, 0, 1, 0, api_name="/paint")
+    with pytest.raises(Exception, match="last painted step must be an integer in"):
+        client.predict("a circle", "star", "object", "saemnesia", 5, middle, 0, 9, 0, api_name="/paint")
 
 
 def test_one_click_compares_original_steer_and_replace(client):

@@ -207,32 +207,13 @@ def _latent(args: argparse.Namespace) -> None:
     import json
 
     from saemnesia.cli.common import load_studio
+    from saemnesia.latent_index import latent_page
 
     studio = load_studio(args)
-    bundle, latent, concept = studio.resolve_latent(args.latent, args.kind, args.method)
+    bundle, latent, _ = studio.resolve_latent(args.latent, args.kind, args.method)
     if bundle.index is None:
         raise ValueError(f"No latent index for {args.method}'s {args.kind} SAE: make one with `index-latents`.")
-    index, images = bundle.index, studio.images
-    shown = [image for image in index.top_images[latent].tolist() if image >= 0]
-    page = {
-        "latent": latent,
-        "block": bundle.block,
-        "concept": index.concepts[latent],
-        "density": float(index.density()[latent]),
-        "mean_activation": float(index.mean_activation()[latent]),
-        "max_activation": float(index.max_activations[latent]),
-        "nearest": dict(zip(index.nearest[latent].tolist(), index.nearest_cosine[latent].round(decimals=3).tolist())),
-        "top_images": [
-            {
-                "prompt": images.prompts[images.row(image)],
-                "seed": images.seeds[images.row(image)],
-                "step": int(index.top_steps[latent, slot]),
-                "activation": round(float(index.top_activations[latent, slot]), 4),
-            }
-            for slot, image in enumerate(shown)
-        ],
-    }
-    print(json.dumps(page, indent=1))
+    print(json.dumps(latent_page(bundle.index, studio.images, latent).summary(), indent=1))
 
 
 def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
