@@ -265,3 +265,38 @@ with sync_playwright() as p:
     }
     for tab in ("erase", "inspect", "neurons", "metrics", "about"):
         assert (tmp_path / f"{tab}.png").stat().st_size > 10_000, tab
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (installed by .ci/run)")
+def test_browser_drives_the_explorer_and_paint(served, tmp_path):
+    """A researcher's path: the explorer opens a concept's latent, then a neighbour from its table; Paint paints
+    the middle of the grid and shows the pair with the latent's heatmap."""
+    script = f"""
+import json
+from playwright.sync_api import sync_playwright
+with sync_playwright() as p:
+    browser = p.chromium.launch(executable_path="{shutil.which("chromium")}", args=["--no-sandbox", "--disable-gpu"])
+    page = browser.new_page(viewport={{"width": 1280, "height": 1000}})
+    page.goto("{served}")
+    page.get_by_role("tab", name="Neurons").click()
+    page.get_by_label("Concept or latent number").fill("heart")
+    page.get_by_role("button", name="Show latent").click()
+    page.wait_for_selector("text=Fires on", timeout=30000)
+    first = page.get_by_text("Fires on").inner_text()
+    page.screenshot(path="{tmp_path / "explorer.png"}", full_page=True)
+    page.get_by_role("tab", name="Paint").click()
+    page.get_by_role("button", name="Paint", exact=True).click()
+    page.wait_for_selector("text=2 images in", timeout=60000)
+    status = page.get_by_text("2 images in").inner_text()
+    images = page.locator("img").count()
+    page.screenshot(path="{tmp_path / "paint.png"}", full_page=True)
+    print(json.dumps({{"explorer": first, "paint": status, "images": images}}))
+    browser.close()
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    assert "bound to heart" in seen["explorer"] and "Latent" in seen["explorer"]
+    assert "tokens, steps 0" in seen["paint"] and seen["images"] >= 3
+    for name in ("explorer", "paint"):
+        assert (tmp_path / f"{name}.png").stat().st_size > 10_000, name
