@@ -148,6 +148,30 @@ def _compare_replacements(args: argparse.Namespace) -> None:
     print("\n".join(f"{name}: {path}" for name, path in paths.items()))
 
 
+def _paint_benchmark(args: argparse.Namespace) -> None:
+    import json
+
+    from saemnesia.evaluate import setting_or_default
+    from saemnesia.evaluate.painting import measure_paint
+    from saemnesia.minicanvas.classifier import load_classifier
+
+    _check_evaluation_file(args)
+    studio = load_studio(args)
+    classifier = load_classifier(args.classifier or studio.world.assets / "classifier", device=studio.pipeline.device)
+    detector = None if args.no_artifacts else _artifact_detector(args, studio)
+    results = _evaluation_results(args, studio)
+    objects = args.objects or list(studio.world.objects)
+    strengths = {name: setting_or_default(results, "saemnesia", [name]).strength for name in objects}
+    report = measure_paint(
+        studio, classifier, detector, objects, args.prompts, strengths, progress=lambda text: logging.info(text)
+    )
+    out = Path(args.out or studio.world.assets / "results" / "paint.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    print(json.dumps(report["mean"], indent=1))
+    print(out)
+
+
 def _ablate_blocks(args: argparse.Namespace) -> None:
     import json
 
@@ -319,6 +343,19 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     rules.add_argument("--no-artifacts", action="store_true", help="judge no image for artifacts (no AR)")
     rules.add_argument("--out", default="assets/minicanvas/results", help="folder for replace-rules.json and .md")
     rules.set_defaults(run=_compare_replacements)
+
+    paint = commands.add_parser(
+        "paint-benchmark",
+        help="paint each object into the others' prompts (insertion rate) and out of its own (local erasure)",
+    )
+    add_classifier_world_arguments(paint)
+    paint.add_argument("--objects", nargs="+", metavar="OBJECT", help="default: every object")
+    paint.add_argument("--prompts", type=int, default=10, help="prompts per object and seed")
+    paint.add_argument("--artifact-detector", help="detector folder for AR (default: the world's artifact-detector)")
+    paint.add_argument("--no-artifacts", action="store_true", help="judge no image for artifacts (no AR)")
+    _add_evaluation_argument(paint)
+    paint.add_argument("--out", help="default: the world's results/paint.json")
+    paint.set_defaults(run=_paint_benchmark)
 
     bench = commands.add_parser(
         "bench", help="time the hooked pair, the SAE's share of a UNet call, the app's start and the SAE trainer"

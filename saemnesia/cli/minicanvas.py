@@ -32,6 +32,18 @@ def _world(args: argparse.Namespace):
     return WORLDS[args.world]
 
 
+def _world_step_cost(args: argparse.Namespace) -> None:
+    import json
+
+    import torch
+
+    from saemnesia.minicanvas.model import CANDIDATE_DESIGNS, step_seconds
+
+    torch.set_num_threads(args.threads)
+    for name, design in CANDIDATE_DESIGNS.items():
+        print(json.dumps({"design": name, **step_seconds(design, args.batch_size, args.repeats)}), flush=True)
+
+
 def _train_classifier(args: argparse.Namespace) -> None:
     from saemnesia.minicanvas.classifier import NO_OBJECT_FOLDER, train_classifier
 
@@ -205,6 +217,14 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     train_world.add_argument("--text-length", type=int, default=77, help="tokenizer context length")
     train_world.add_argument("--min-snr-gamma", type=float, default=5.0, help="Min-SNR loss weighting (0: off)")
     train_world.set_defaults(run=_train_world)
+
+    step_cost = commands.add_parser(
+        "world-step-cost", help="seconds per training step of MiniCanvas 64's design and the candidates beside it"
+    )
+    step_cost.add_argument("--batch-size", type=int, default=48)
+    step_cost.add_argument("--repeats", type=int, default=5)
+    step_cost.add_argument("--threads", type=int, default=1, help="torch threads (training runs on one)")
+    step_cost.set_defaults(run=_world_step_cost)
 
     train_classifier = commands.add_parser(
         "train-classifier", help="train the MiniCanvas object and style classifier (a few CPU minutes)"

@@ -34,6 +34,7 @@ from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from saemnesia.hooks import block_grid, hook_points
 from saemnesia.minicanvas.data import CANVAS, CANVAS_32, Canvas
 
 logger = logging.getLogger(__name__)
@@ -258,6 +259,91 @@ def _optimizer_state_from_tensors(optimizer: torch.optim.Optimizer, tensors: dic
     return state_dict
 
 
+def diffusion_loss(
+    components: dict,
+    design: Design,
+    batch_size: int,
+    batch_seed: int,
+    noise_scheduler: DDPMScheduler,
+    min_snr_gamma: float,
+    device: str,
+) -> torch.Tensor:
+    """The v-prediction loss of one freshly drawn batch, deterministic from `batch_seed`."""
+    pixels, captions, _, _ = design.canvas.sample_batch(batch_size, seed=batch_seed)
+    generator = torch.Generator().manual_seed(batch_seed)
+    latents = F.pixel_unshuffle(torch.from_numpy(pixels), design.latent_factor).to(device)
+    noise = torch.randn(latents.shape, generator=generator).to(device)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
+    timesteps = timesteps.to(device)
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    text = encode_captions(components["tokenizer"], components["text_encoder"], captions)
+    prediction = components["unet"](noisy, timesteps, text).sample
+    target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    loss = F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3))
+    if min_snr_gamma:  # Min-SNR weighting for v-prediction: low-noise steps stop dominating the loss
+        alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
+        snr = alphas_cumprod[timesteps] / (1 - alphas_cumprod[timesteps])
+        loss = loss * torch.clamp(snr, max=min_snr_gamma) / (snr + 1)
+    return loss.mean()
+
+
+CANDIDATE_DESIGNS = {
+    "minicanvas-64": DESIGNS["minicanvas-64"],
+    # 4 x 4 pixel blocks as 48-channel latents on 16 x 16: the grids of the first world, at twice the image size.
+    "patches-4, attention at 16 and 8": Design(
+        CANVAS,
+        block_out_channels=(64, 128, 128),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        latent_factor=4,
+    ),
+    "patches-4, attention at 8 and 4": Design(
+        CANVAS,
+        block_out_channels=(64, 128, 128),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        latent_factor=4,
+    ),
+}
+"""The designs measured before choosing MiniCanvas 64's (`step_seconds`); the first is the one trained."""
+
+
+def step_seconds(design: Design, batch_size: int = 48, repeats: int = 5) -> dict:
+    """Median seconds of one training step (drawing, forward, backward, AdamW) and of one guided sampling call
+    of a batch of 4, for a freshly initialised model of `design`; its UNet's size and token grids."""
+    components = build_components(build_tokenizer(design.canvas), design)
+    trainable = [*components["unet"].parameters(), *components["text_encoder"].parameters()]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+    noise_scheduler = DDPMScheduler.from_config(components["scheduler"].config)
+    train_times = []
+    for repeat in range(repeats + 1):  # the first step warms up and is not counted
+        began = time.perf_counter()
+        loss = diffusion_loss(components, design, batch_size, repeat, noise_scheduler, 5.0, "cpu")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        train_times.append(time.perf_counter() - began)
+    unet = components["unet"]
+    latents = torch.randn(8, design.latent_channels, design.latent_size, design.latent_size)
+    text = torch.randn(8, 77, TEXT_WIDTH)
+    sample_times = []
+    with torch.no_grad():
+        for _ in range(repeats + 1):
+            began = time.perf_counter()
+            unet(latents, torch.full((8,), 500), text)
+            sample_times.append(time.perf_counter() - began)
+    size = design.latent_size
+    grids = {name: block_grid(unet, name, size, size)[0] for name in hook_points(unet) if name.startswith("up_")}
+    return {
+        "train_step_s": round(sorted(train_times[1:])[repeats // 2], 3),
+        "guided_call_of_4_s": round(sorted(sample_times[1:])[repeats // 2], 4),
+        "unet_parameters": sum(p.numel() for p in unet.parameters()),
+        "up_block_grids": grids,
+        "batch_size": batch_size,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
 def train_model(
     out: Path,
     checkpoint: Path,
@@ -294,7 +380,6 @@ def train_model(
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     ema = EMAModel(trainable, decay=0.999, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4)
     noise_scheduler = DDPMScheduler.from_config(components["scheduler"].config)
-    alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
 
     start, elapsed = 0, 0.0
     if (checkpoint / "state.json").exists():
@@ -315,21 +400,9 @@ def train_model(
 
     began = time.time() - elapsed
     for step in range(start, steps):
-        pixels, captions, _, _ = design.canvas.sample_batch(batch_size, seed=seed * 1_000_003 + step)
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        latents = F.pixel_unshuffle(torch.from_numpy(pixels), design.latent_factor).to(device)
-        noise = torch.randn(latents.shape, generator=generator).to(device)
-        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,), generator=generator).to(
-            device
+        loss = diffusion_loss(
+            components, design, batch_size, seed * 1_000_003 + step, noise_scheduler, min_snr_gamma, device
         )
-        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-        prediction = unet(noisy, timesteps, encode_captions(tokenizer, text_encoder, captions)).sample
-        target = noise_scheduler.get_velocity(latents, noise, timesteps)
-        loss = F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3))
-        if min_snr_gamma:  # Min-SNR weighting for v-prediction: low-noise steps stop dominating the loss
-            snr = alphas_cumprod[timesteps] / (1 - alphas_cumprod[timesteps])
-            loss = loss * torch.clamp(snr, max=min_snr_gamma) / (snr + 1)
-        loss = loss.mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
