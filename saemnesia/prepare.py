@@ -4,12 +4,12 @@
 
 The SD world erases with the SAEs the papers published (SAeUron's and SAEmnesia's), but the edit and the
 app need each SAE's concept statistics and dictionary on the model in use, which no one publishes. This
-chains what `collect` and `stats` do by hand, with the same library functions: fetch the model and the
-SAEs from the hub, collect the hook points' activations on every object x style prompt, take each SAE's
-statistics and dictionary, and delete the activations. It measures what one image costs on this machine
-first and says how long the whole will take. Resumable: a rerun keeps the SAEs fetched (unless given
-another source), the shards collected and the statistics taken, and a finished folder (with
-`prepared.json`) is left as it is.
+chains what `collect`, `stats` and `index-latents` do by hand, with the same library functions: fetch the model
+and the SAEs from the hub, collect the hook points' activations on every object x style prompt, take each SAE's
+statistics and dictionary, index its latents for the explorer, and delete the activations. It measures what one
+image costs on this machine first and says how long the whole will take. Resumable: a rerun keeps the SAEs
+fetched (unless given another source), the shards collected and the statistics taken, and a finished folder
+(with `prepared.json`) is left as it is.
 
 `app.py --world sd` runs it on its first start when the folder is missing.
 """
@@ -28,10 +28,12 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionPipeline
 
+from saemnesia.concepts import ConceptDictionary, ConceptStats
 from saemnesia.generate import check_sae_fits
 from saemnesia.hooks import hooked_block
+from saemnesia.latent_index import IMAGES_FILE, index_latents
 from saemnesia.sae import WEIGHTS_FILE, Sae, load_sae
-from saemnesia.studio import DICTIONARY_FILE, LIMITS, STATS_FILE
+from saemnesia.studio import DICTIONARY_FILE, LATENTS_FOLDER, LIMITS, STATS_FILE
 from saemnesia.train import collect, labelled_prompts, write_stats
 from saemnesia.worlds import World, load_pipeline
 
@@ -190,10 +192,11 @@ def prepare(
             (folder / SOURCE_FILE).write_text(source + "\n")
         sae = Sae.load(folder, str(pipeline.device))
         check_sae_fits(pipeline, sae, block)
-        saes.append((sae, block, folder))
-    pending = [(sae, block, folder) for sae, block, folder in saes if not _done(folder)]
+        saes.append((sae, block, folder, variant))
+    pending = [(sae, block, folder) for sae, block, folder, _ in saes if not _done(folder)]
+    indexed = (out / LATENTS_FOLDER / f"{IMAGES_FILE}.json").is_file()
     per_image = None
-    if pending:
+    if pending or not indexed:
         per_image = seconds_per_image(
             pipeline, collection, [(sae, block) for sae, block, _ in pending], images_per_shard
         )
@@ -212,6 +215,21 @@ def prepare(
         )
         for sae, block, folder in pending:
             write_stats(sae, activations, block, folder, progress=progress)
+        index_latents(
+            activations,
+            [
+                (
+                    variant,
+                    block,
+                    sae,
+                    ConceptStats.load(folder / STATS_FILE),
+                    ConceptDictionary.load(folder / DICTIONARY_FILE) if variant == "supervised" else None,
+                )
+                for sae, block, folder, variant in saes
+            ],
+            out / LATENTS_FOLDER,
+            progress=progress,
+        )
     if not keep_activations:
         shutil.rmtree(out / ACTIVATIONS, ignore_errors=True)
     record = {

@@ -87,3 +87,30 @@ def test_bad_paint_settings_are_refused_by_name_and_leave_the_model_alone(studio
     with pytest.raises((SettingsError, KeyError), match=message.replace("[", r"\[").replace("]", r"\]")):
         studio.paint(**settings)
     assert not any(module._forward_hooks for module in studio.pipeline.unet.modules())
+
+
+def test_the_object_region_is_where_minicanvas_draws_its_object():
+    from saemnesia.evaluate.painting import object_region
+
+    region = object_region(8, 8).view(8, 8)
+    assert region[1:7, 1:7].all() and int(region.sum()) == 36
+    assert int(object_region(4, 4).sum()) == 4
+
+
+def test_paint_benchmark_tunes_on_the_tuning_seed_and_reports_held_out_rates(studio):
+    from saemnesia.evaluate.painting import HELDOUT_SEEDS, INSERTION_STRENGTHS, measure_paint
+    from saemnesia.minicanvas.classifier import ClassifierConfig, MiniCanvasClassifier
+
+    torch.manual_seed(0)
+    world = studio.world
+    judge = MiniCanvasClassifier(ClassifierConfig(world.objects, world.styles, image_size=world.height)).eval()
+    report = measure_paint(studio, judge, None, objects=["star"], prompts=2)
+    star = report["objects"]["star"]
+    tuning = star["insertion"]["tuning"]
+    assert list(tuning) == [str(s) for s in INSERTION_STRENGTHS]
+    score = {s: (trial["rate"] + trial["style_kept"]) / 2 for s, trial in tuning.items()}
+    assert score[str(star["insertion"]["strength"])] == max(score.values())
+    assert star["local_erasure"]["strength"] < 0 and set(star["full_erasure"]) == {"steer", "replace"}
+    assert report["mean"]["insertion"]["rate"] == round(star["insertion"]["heldout"]["rate"], 2)
+    assert report["mean"]["insertion"]["ar"] is None  # no detector, no artifact rate
+    assert report["settings"]["heldout_seeds"] == list(HELDOUT_SEEDS)

@@ -206,9 +206,11 @@ def test_first_start_of_the_sd_world_prepares_it_then_erase_returns_a_pair(offli
     try:
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
         slider, panes, status = client.predict(*PAIR, api_name="/erase")
+        page = client.predict("Cats", "object", "saemnesia", api_name="/latent_page")  # prepare indexed the SAEs
     finally:
         served["app"].close()
     assert len(slider) == 2 and all(slider) and len(panes) >= 3 and "images in" in status  # original, 2 erased
+    assert "bound to **Cats**" in page[0] and page[1]
 
     said = capsys.readouterr().err
     assert "The sd world is not prepared" in said and "s per image" in said and "will take about" in said

@@ -17,7 +17,8 @@ from diffusers import StableDiffusionPipeline
 
 from saemnesia.bench.subjects import STRENGTH, trained_sae_folder, world_bundle
 from saemnesia.bench.timing import SEED, Row, Skipped
-from saemnesia.studio import DICTIONARY_FILE, STATS_FILE
+from saemnesia.hooks import block_grid
+from saemnesia.studio import DICTIONARY_FILE, LATENTS_FOLDER, STATS_FILE
 from saemnesia.worlds import MINICANVAS
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -52,7 +53,11 @@ def app_rows(pipeline: StableDiffusionPipeline, steps: int, repeats: int, device
     world = MINICANVAS
     concept = world.objects[0]
     prompt = world.prompt(concept, world.styles[0])
-    started, first_pair, neighbours = [], [], []
+    started, first_pair, neighbours, pages, paints = [], [], [], [], []
+    indexed = (world.assets / LATENTS_FOLDER).is_dir() and trained_sae_folder(world) is not None
+    scale = pipeline.vae_scale_factor
+    height, width = block_grid(pipeline.unet, world.object_block, world.height // scale, world.width // scale)
+    mask = "\n".join(["1" * width] * height)
     with tempfile.TemporaryDirectory() as scratch:
         arguments, source = ["--device", device], "the world's SAE"
         if trained_sae_folder(world) is None:
@@ -92,11 +97,22 @@ def app_rows(pipeline: StableDiffusionPipeline, steps: int, repeats: int, device
                 start = time.perf_counter()
                 client.predict(api_name="/neighbours")  # what the page asks for once the pair is shown
                 neighbours.append(time.perf_counter() - start)
+                if indexed:
+                    start = time.perf_counter()
+                    client.predict(concept, "object", "saemnesia", api_name="/latent_page")
+                    pages.append(time.perf_counter() - start)
+                start = time.perf_counter()
+                client.predict(prompt, concept, "object", "saemnesia", 20, mask, 0, steps - 1, SEED, api_name="/paint")
+                paints.append(time.perf_counter() - start)
             finally:
                 stop_app(process)
     note = f"'{prompt}', erase {concept}, {steps} steps, codes recorded for Inspect; {source}"
-    return [
+    rows = [
         Row("app", "app start to ready (HTTP 200)", "s", started),
         Row("app", "first pair via gradio_client /erase", "s", first_pair, note=note),
         Row("app", "then the neighbours via /neighbours", "s", neighbours, note="erased images only"),
     ]
+    if pages:
+        rows.append(Row("app", "a latent's page via /latent_page", "s", pages, note=f"{concept}'s neuron, target 2 s"))
+    rows.append(Row("app", "a painted pair via /paint", "s", paints, note=f"{concept} painted on every token"))
+    return rows
