@@ -23,6 +23,7 @@ def _train_world(args: argparse.Namespace) -> None:
         text_length=args.text_length,
         min_snr_gamma=args.min_snr_gamma,
         design=DESIGNS[args.world],
+        workers=args.workers,
     )
 
 
@@ -216,6 +217,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     train_world.add_argument("--device", default="cpu")
     train_world.add_argument("--text-length", type=int, default=77, help="tokenizer context length")
     train_world.add_argument("--min-snr-gamma", type=float, default=5.0, help="Min-SNR loss weighting (0: off)")
+    train_world.add_argument(
+        "--workers", type=int, default=0, help="processes drawing batches ahead (on a GPU machine, its spare cores)"
+    )
     train_world.set_defaults(run=_train_world)
 
     step_cost = commands.add_parser(

@@ -259,19 +259,40 @@ def _optimizer_state_from_tensors(optimizer: torch.optim.Optimizer, tensors: dic
     return state_dict
 
 
+class DrawnBatches(torch.utils.data.IterableDataset):
+    """Training batches `(step, pixels, captions)` for steps [start, stop), each drawn from its step's seed. Under a
+    `DataLoader` with workers, worker w draws steps w, w + workers, ...; the loader takes them in turn, so the order
+    and the data are those of one process: drawing moves to other cores (on a GPU it would be most of a step)."""
+
+    def __init__(self, canvas: Canvas, batch_size: int, seed: int, start: int, stop: int):
+        self.canvas, self.batch_size, self.seed, self.start, self.stop = canvas, batch_size, seed, start, stop
+
+    def __iter__(self):
+        worker = torch.utils.data.get_worker_info()
+        first, every = (worker.id, worker.num_workers) if worker else (0, 1)
+        for step in range(self.start + first, self.stop, every):
+            pixels, captions, _, _ = self.canvas.sample_batch(self.batch_size, seed=batch_seed(self.seed, step))
+            yield step, torch.from_numpy(pixels), captions
+
+
+def batch_seed(seed: int, step: int) -> int:
+    return seed * 1_000_003 + step
+
+
 def diffusion_loss(
     components: dict,
     design: Design,
-    batch_size: int,
-    batch_seed: int,
+    pixels: torch.Tensor,
+    captions: list[str],
+    seed: int,
     noise_scheduler: DDPMScheduler,
     min_snr_gamma: float,
     device: str,
 ) -> torch.Tensor:
-    """The v-prediction loss of one freshly drawn batch, deterministic from `batch_seed`."""
-    pixels, captions, _, _ = design.canvas.sample_batch(batch_size, seed=batch_seed)
-    generator = torch.Generator().manual_seed(batch_seed)
-    latents = F.pixel_unshuffle(torch.from_numpy(pixels), design.latent_factor).to(device)
+    """The v-prediction loss of one drawn batch, its noise and timesteps deterministic from `seed`."""
+    batch_size = len(pixels)
+    generator = torch.Generator().manual_seed(seed)
+    latents = F.pixel_unshuffle(pixels, design.latent_factor).to(device)
     noise = torch.randn(latents.shape, generator=generator).to(device)
     timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
     timesteps = timesteps.to(device)
@@ -318,7 +339,10 @@ def step_seconds(design: Design, batch_size: int = 48, repeats: int = 5) -> dict
     train_times = []
     for repeat in range(repeats + 1):  # the first step warms up and is not counted
         began = time.perf_counter()
-        loss = diffusion_loss(components, design, batch_size, repeat, noise_scheduler, 5.0, "cpu")
+        pixels, captions, _, _ = design.canvas.sample_batch(batch_size, seed=repeat)
+        loss = diffusion_loss(
+            components, design, torch.from_numpy(pixels), captions, repeat, noise_scheduler, 5.0, "cpu"
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -356,13 +380,16 @@ def train_model(
     text_length: int = 77,
     min_snr_gamma: float = 5.0,
     design: Design = DESIGNS["minicanvas-64"],
+    workers: int = 0,
 ) -> Path:
     """Train the UNet and the text encoder together, from scratch, on freshly drawn batches.
 
     Resumable: a checkpoint (weights, EMA, optimiser, step) is written every `checkpoint_every`
     steps to `checkpoint`, and a rerun of the same command continues from it. Batches are drawn
     from `seed` and the step number, so a resumed run sees the same data as an uninterrupted one.
-    The EMA weights are saved, at every checkpoint, as a diffusers pipeline in `out`.
+    The EMA weights are saved, at every checkpoint, as a diffusers pipeline in `out`. `workers` processes draw
+    the batches ahead (`DrawnBatches`), the same batches as without them. A checkpoint that keeps only the
+    weights (no `optimizer.safetensors`) resumes with fresh Adam moments.
     """
     steps = steps or design.train_steps
     tokenizer = build_tokenizer(design.canvas, text_length)
@@ -399,9 +426,13 @@ def train_model(
         logger.info("resumed at step %d", start)
 
     began = time.time() - elapsed
-    for step in range(start, steps):
+    batches = DrawnBatches(design.canvas, batch_size, seed, start, steps)
+    loader = torch.utils.data.DataLoader(
+        batches, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None
+    )
+    for step, pixels, captions in loader:
         loss = diffusion_loss(
-            components, design, batch_size, seed * 1_000_003 + step, noise_scheduler, min_snr_gamma, device
+            components, design, pixels, captions, batch_seed(seed, step), noise_scheduler, min_snr_gamma, device
         )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
