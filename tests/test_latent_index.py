@@ -1,6 +1,8 @@
 """The latent index on a tiny world: every figure equals a direct recomputation, and an interrupted run resumes to
 the same index."""
 
+import json
+
 import pytest
 import torch
 from conftest import BLOCK, make_tiny_pipeline, make_tiny_sae, make_tiny_world
@@ -108,3 +110,33 @@ def test_an_interrupted_index_resumes_to_the_same_figures(activations, sae_and_s
     for field in ("top_images", "top_steps", "fire_counts", "histogram", "nearest"):
         assert torch.equal(getattr(whole, field), getattr(resumed, field)), field
     assert not (tmp_path / "resumed" / f"supervised--{BLOCK}.partial.json").exists()
+
+
+def test_cli_prints_a_latents_page_and_refuses_what_it_cannot_show(tmp_path, monkeypatch, capsys):
+    from conftest import index_tiny_studio, make_tiny_studio
+
+    from saemnesia import cli
+
+    studio = make_tiny_studio()
+    index_tiny_studio(studio, tmp_path)
+    monkeypatch.setattr(cli, "_load_studio", lambda args: studio)
+    cli.main(["latent", "heart"])
+    page = json.loads(capsys.readouterr().out)
+    latent = studio.bundles["saemnesia", "object"].dictionary.latent("heart")
+    assert page["latent"] == latent and page["concept"]["bound"] == "heart"
+    assert len(page["top_images"]) == int((studio.bundles["saemnesia", "object"].index.top_images[latent] >= 0).sum())
+    assert [n["latent"] for n in page["nearest"]] == studio.bundles["saemnesia", "object"].index.nearest[
+        latent
+    ].tolist()
+    for argv, message in ((["latent", "700"], "latent must be a concept name or an integer in [0, 255]"),
+                          (["latent", "dragon"], "Unknown concept")):  # fmt: skip
+        with pytest.raises(SystemExit):
+            cli.main(argv)
+        assert message in capsys.readouterr().err
+    studio.bundles["saemnesia", "object"].index = None
+    with pytest.raises(SystemExit):
+        cli.main(["latent", "heart"])
+    assert "make one with `index-latents`" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["index-latents", "--activations", str(tmp_path / "nowhere")])
+    assert "No activations in" in capsys.readouterr().err

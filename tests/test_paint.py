@@ -1,6 +1,7 @@
 """Paint: a latent moved along its decoder row on the masked tokens only, at its steps; an empty mask changes
 nothing; every bad setting is refused by name."""
 
+import json
 import math
 
 import pytest
@@ -114,3 +115,24 @@ def test_paint_benchmark_tunes_on_the_tuning_seed_and_reports_held_out_rates(stu
     assert report["mean"]["insertion"]["rate"] == round(star["insertion"]["heldout"]["rate"], 2)
     assert report["mean"]["insertion"]["ar"] is None  # no detector, no artifact rate
     assert report["settings"]["heldout_seeds"] == list(HELDOUT_SEEDS)
+
+
+def test_cli_paints_a_box_and_refuses_bad_settings_by_name(studio, tmp_path, monkeypatch, capsys):
+    from saemnesia import cli
+
+    monkeypatch.setattr(cli, "_load_studio", lambda args: studio)
+    base = ["paint", "--prompt", PROMPT, "--concept", "heart", "--strength", "20", "--out", str(tmp_path)]
+    cli.main([*base, "--box", "2", "2", "5", "5", "--steps-painted", "0", "1"])
+    settings = json.loads((tmp_path / "settings.json").read_text())
+    assert settings["paints"][0]["tokens"] == 16 and sum(map(sum, settings["mask"])) == 16
+    assert (tmp_path / "original.png").is_file() and (tmp_path / "painted.png").is_file()
+    for extra, message in (
+        (["--steps-painted", "0", "7"], "last painted step must be an integer in [0, 1]"),
+        (["--box", "0", "0", "1", "1", "--strength", "nan"], "strength must be a finite number"),
+    ):
+        with pytest.raises(SystemExit):
+            cli.main([*base, *extra])
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["paint", "--prompt", PROMPT, "--latent", "9999", "--strength", "5", "--out", str(tmp_path)])
+    assert "latent must be a concept name or an integer in [0, 255]" in capsys.readouterr().err
