@@ -199,10 +199,11 @@ def test_metrics_show_any_cached_result_set_with_its_plots():
 
 
 def test_result_sets_are_named_in_plain_words_from_their_name_parts():
-    assert result_set_label("full") == "full: the benchmark, every object and style, seeds 60000-60001"
+    assert result_set_label("full") == "full: the benchmark, every object and style, seed 60000"
+    assert result_set_label("full", [60000, 60001]) == "full: the benchmark, every object and style, seeds 60000-60001"
     assert result_set_label("standard") == "standard: a lighter search, every object and 4 styles, seed 60000"
     assert result_set_label("quick") == "quick: a smoke test, 3 objects and 2 styles, seed 60000"
-    assert result_set_label("full-heldout-from-70000") == (
+    assert result_set_label("full-heldout-from-70000", [70000, 70001]) == (  # the seeds that run recorded
         "full-heldout-from-70000: the same tuning, reported on seeds 70000-70001"
     )
     assert result_set_label("full-no-object-class") == (
@@ -215,17 +216,33 @@ def test_result_sets_are_named_in_plain_words_from_their_name_parts():
     assert result_set_label("full-something-new") == "full-something-new"  # a name it cannot read, as it is
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (installed by .ci/run)")
-def test_browser_follows_an_example_through_erase_and_inspect_and_shows_every_tab(served, tmp_path):
-    """A visitor's path: Inspect says no erasure has run; an example sets the concept it erases; an erasure with 3
-    steps (the tiny world's default is 2) leaves Inspect on that run, its step slider spanning those steps."""
+BROWSER = "needs Debian's chromium (installed by .ci/run)"
+
+
+def browse(served: str, steps: str, height: int = 900) -> dict:
+    """Run playwright `steps` (indented 4, ending in a print of JSON) on the served page in headless chromium."""
     script = f"""
 import json
 from playwright.sync_api import sync_playwright
 with sync_playwright() as p:
     browser = p.chromium.launch(executable_path="{shutil.which("chromium")}", args=["--no-sandbox", "--disable-gpu"])
-    page = browser.new_page(viewport={{"width": 1280, "height": 900}})
+    page = browser.new_page(viewport={{"width": 1280, "height": {height}}})
     page.goto("{served}")
+{steps}
+    browser.close()
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason=BROWSER)
+def test_browser_follows_an_example_through_erase_and_inspect_and_shows_every_tab(served, tmp_path):
+    """A visitor's path: Inspect says no erasure has run; an example sets the concept it erases; an erasure with 3
+    steps (the tiny world's default is 2) leaves Inspect on that run, its step slider spanning those steps."""
+    seen = browse(
+        served,
+        f"""
     page.get_by_role("tab", name="Inspect").click()
     waiting = page.get_by_text("No erasure has run yet").is_visible()
     page.get_by_role("tab", name="Erase").click()
@@ -250,12 +267,8 @@ with sync_playwright() as p:
         page.get_by_role("tab", name=tab).click()
         page.wait_for_timeout(500)
         page.screenshot(path=f"{tmp_path}/{{tab.lower()}}.png", full_page=True)
-    print(json.dumps({{"waiting_before": waiting, "concepts": concepts, "images": images, "inspect": shown}}))
-    browser.close()
-"""
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180)
-    assert result.returncode == 0, result.stderr[-2000:]
-    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    print(json.dumps({{"waiting_before": waiting, "concepts": concepts, "images": images, "inspect": shown}}))""",
+    )
     assert seen["waiting_before"] and seen["concepts"] == ["heart"]
     assert seen["images"] >= 5  # the slider's pair, three panes; then the neighbours
     assert seen["inspect"] == {
@@ -267,36 +280,33 @@ with sync_playwright() as p:
         assert (tmp_path / f"{tab}.png").stat().st_size > 10_000, tab
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (installed by .ci/run)")
+@pytest.mark.skipif(shutil.which("chromium") is None, reason=BROWSER)
 def test_browser_drives_the_explorer_and_paint(served, tmp_path):
-    """A researcher's path: the explorer opens a concept's latent, then a neighbour from its table; Paint paints
-    the middle of the grid and shows the pair with the latent's heatmap."""
-    script = f"""
-import json
-from playwright.sync_api import sync_playwright
-with sync_playwright() as p:
-    browser = p.chromium.launch(executable_path="{shutil.which("chromium")}", args=["--no-sandbox", "--disable-gpu"])
-    page = browser.new_page(viewport={{"width": 1280, "height": 1000}})
-    page.goto("{served}")
+    """A researcher's path: the explorer opens a concept's latent, then the nearest latent from its table; Paint
+    paints the middle of the grid and shows the pair with the latent's heatmap."""
+    seen = browse(
+        served,
+        f"""
     page.get_by_role("tab", name="Neurons").click()
     page.get_by_label("Concept or latent number").fill("heart")
     page.get_by_role("button", name="Show latent").click()
     page.wait_for_selector("text=Fires on", timeout=30000)
     first = page.get_by_text("Fires on").inner_text()
     page.screenshot(path="{tmp_path / "explorer.png"}", full_page=True)
+    nearest = page.locator("#nearest-latents [data-testid='cell-0-0']")
+    neighbour = nearest.inner_text().strip()
+    nearest.click()
+    page.wait_for_function("n => document.body.innerText.includes('Latent ' + n + ' at')", arg=neighbour, timeout=30000)
     page.get_by_role("tab", name="Paint").click()
     page.get_by_role("button", name="Paint", exact=True).click()
     page.wait_for_selector("text=2 images in", timeout=60000)
     status = page.get_by_text("2 images in").inner_text()
     images = page.locator("img").count()
     page.screenshot(path="{tmp_path / "paint.png"}", full_page=True)
-    print(json.dumps({{"explorer": first, "paint": status, "images": images}}))
-    browser.close()
-"""
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180)
-    assert result.returncode == 0, result.stderr[-2000:]
-    seen = json.loads(result.stdout.strip().splitlines()[-1])
-    assert "bound to heart" in seen["explorer"] and "Latent" in seen["explorer"]
+    print(json.dumps({{"explorer": first, "neighbour": neighbour, "paint": status, "images": images}}))""",
+        height=1000,
+    )
+    assert "bound to heart" in seen["explorer"] and "Latent" in seen["explorer"] and seen["neighbour"].isdigit()
     assert "tokens, steps 0" in seen["paint"] and seen["images"] >= 3
     for name in ("explorer", "paint"):
         assert (tmp_path / f"{name}.png").stat().st_size > 10_000, name

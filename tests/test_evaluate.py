@@ -30,11 +30,15 @@ from saemnesia.evaluate import (
     balanced_prompts,
     benchmark_results,
     ceiling,
+    chance_ceiling,
+    chance_survival,
     choose_setting,
     diagnostics,
     edit_coverage,
     erasure_metrics,
     evaluate,
+    grid_metrics,
+    grid_prompts,
     planned_images,
     result_paths,
     result_sets,
@@ -43,21 +47,25 @@ from saemnesia.evaluate import (
     tuned_setting,
     write_results,
 )
+from saemnesia.evaluate import cache as cache_module
 from saemnesia.generate import sampler_timesteps
 from saemnesia.minicanvas import classifier as classifier_module
 from saemnesia.minicanvas.artifacts import ArtifactDetector, ArtifactDetectorConfig
-from saemnesia.minicanvas.classifier import NO_OBJECT, ClassifierConfig, MiniCanvasClassifier
+from saemnesia.minicanvas.classifier import NO_OBJECT, ClassifierConfig, MiniCanvasClassifier, Verdict
 from saemnesia.replace_rules import DETECTION_SHARES, RULE_METRICS, RULES, compare_replace_rules, write_comparison
 from saemnesia.studio import SaeBundle, Studio
-from saemnesia.worlds import MINICANVAS
+from saemnesia.worlds import MINICANVAS, MINICANVAS_64
 
 TINY_WORLD = make_tiny_world()
 
 
 def judged(asked: str, seen: str, seed: int = 0) -> Judged:
-    """An image from 'object/style' asked and seen, e.g. judged('circle/sunset', 'square/sunset')."""
+    """An image from 'object/style' asked and seen, e.g. judged('circle/sunset', 'square/sunset'); 'circle/-' asks
+    for no style ("a circle")."""
     object_name, style = asked.split("/")
     seen_object, seen_style = seen.split("/")
+    if style == "-":
+        return Judged(f"a {object_name}", seed, object_name, None, seen_object, seen_style)
     return Judged(f"a {object_name} in {style} style", seed, object_name, style, seen_object, seen_style)
 
 
@@ -112,6 +120,88 @@ def test_several_erased_concepts_count_together_and_empty_groups_are_none():
     assert nothing_left.ira is None and nothing_left.score is None and nothing_left.cra == 70.0
     assert erasure_metrics(VERDICTS, ["moon"], "object", kind_size=4).ua is None
     assert accuracy([], "object") is None
+
+
+# A 3-object x 2-style grid with its unstyled row; cells hold 1 to 3 images (seeds), so pooling would count
+# differently from the authors' equal weight per cell.
+GRID_VERDICTS = [
+    judged("circle/sunset", "circle/sunset", 0),
+    judged("circle/sunset", "square/sunset", 1),
+    judged("circle/sunset", "square/ocean", 2),  # circle/sunset: object 1 of 3, style 2 of 3
+    judged("circle/ocean", "star/sunset"),  # circle/ocean: object 0 of 1, style 0 of 1
+    judged("circle/-", "circle/ocean"),  # circle unstyled: object 1 of 1, no style asked
+    judged("square/sunset", "square/sunset"),  # object 1 of 1, style 1 of 1
+    judged("square/ocean", "circle/ocean", 0),
+    judged("square/ocean", "square/ocean", 1),  # square/ocean: object 1 of 2, style 2 of 2
+    judged("square/-", "square/sunset"),  # object 1 of 1
+    judged("star/sunset", "star/ocean"),  # object 1 of 1, style 0 of 1
+    judged("star/ocean", "star/ocean"),  # object 1 of 1, style 1 of 1
+    judged("star/-", "circle/ocean"),  # object 0 of 1
+]
+CIRCLE, SQUARE, STAR = (100 / 3 + 0 + 100) / 3, (100 + 50 + 100) / 3, (100 + 100 + 0) / 3
+"""Each object's accuracy: the mean of its cells' (styled and unstyled)."""
+SUNSET, OCEAN = (200 / 3 + 100 + 0) / 3, (0 + 100 + 100) / 3
+"""Each style's accuracy: the mean of its column's cells."""
+
+
+def test_object_erasure_counts_every_cell_once_with_the_unstyled_row():
+    metrics = grid_metrics(GRID_VERDICTS, ["circle"], "object")
+    assert metrics.ua == pytest.approx(100 - CIRCLE)  # pooled, 2 of circle's 5 images: UA 60
+    assert metrics.ira == pytest.approx((SQUARE + STAR) / 2)
+    assert metrics.cra == pytest.approx((SUNSET + OCEAN) / 2) == metrics.cra_styled
+    assert metrics.cra_erased == 50.0  # styles kept on circle's 4 styled images: 2
+    assert metrics.nothing_rate is None and metrics.ar is None
+
+
+def test_style_erasure_counts_columns_and_reads_cra_from_the_unstyled_prompts_alone():
+    metrics = grid_metrics(GRID_VERDICTS, ["ocean"], "style")
+    assert metrics.ua == pytest.approx(100 - OCEAN) and metrics.ira == pytest.approx(SUNSET)
+    assert metrics.cra == pytest.approx((100 + 100 + 0) / 3)  # circle, square, star unstyled
+    # The objects of the styled pictures, what CRA counted before: circle (1/3 and 0), square (1 and 1/2), star.
+    assert metrics.cra_styled == pytest.approx((100 / 6 + 75 + 100) / 3)
+    assert metrics.cra_erased == 50.0  # objects on ocean's 4 images: 2
+
+
+def test_several_erased_objects_average_their_ua_and_leave_ira_to_the_rest():
+    metrics = grid_metrics(GRID_VERDICTS, ["circle", "square"], "object")
+    assert metrics.ua == pytest.approx(100 - (CIRCLE + SQUARE) / 2)
+    assert metrics.ira == pytest.approx(STAR) and metrics.cra == pytest.approx((SUNSET + OCEAN) / 2)
+    everything = grid_metrics(GRID_VERDICTS, ["circle", "square", "star"], "object")
+    assert everything.ira is None and everything.score is None
+    assert grid_metrics(GRID_VERDICTS, ["moon"], "object").ua is None
+
+
+def test_nothing_rate_is_the_share_of_the_erased_objects_cells_called_nothing():
+    verdicts = [
+        judged("circle/sunset", f"{NO_OBJECT}/sunset", 0),
+        judged("circle/sunset", "circle/sunset", 1),  # half of the cell
+        judged("circle/ocean", "square/ocean"),  # turned into another object, not gone
+        judged("circle/-", f"{NO_OBJECT}/ocean"),  # the whole unstyled cell
+        judged("square/sunset", f"{NO_OBJECT}/sunset"),  # another object's: not counted
+    ]
+    assert grid_metrics(verdicts, ["circle"], "object", NO_OBJECT).nothing_rate == pytest.approx((50 + 0 + 100) / 3)
+    assert grid_metrics(verdicts, ["circle"], "object").nothing_rate is None  # a classifier without the label
+    assert grid_metrics(verdicts, ["sunset"], "style", NO_OBJECT).nothing_rate is None
+
+
+def test_chance_survival_counts_each_cell_once_and_gives_ua_its_ceiling():
+    verdicts = [
+        judged("circle/sunset", "circle/sunset", 0),
+        judged("circle/sunset", "star/sunset", 1),
+        judged("circle/sunset", "star/sunset", 2),  # 1 of 3
+        judged("circle/ocean", "circle/ocean"),  # 1 of 1
+        judged("circle/-", "square/ocean"),  # 0 of 1
+        judged("square/sunset", "square/sunset"),  # 1 of 1
+        judged("square/-", f"{NO_OBJECT}/sunset"),  # 0 of 1
+    ]
+    circle, square = (100 / 3 + 100 + 0) / 3, (100 + 0) / 2
+    assert chance_survival(verdicts, ["mid_block.attentions.0"]) == {
+        "blocks": ["mid_block.attentions.0"],
+        "survival": round((circle + square) / 2, 2),
+        "per_object": {"circle": round(circle, 2), "square": 50.0},
+        "ua_ceiling": round(100 - (circle + square) / 2, 2),
+        "images": 7,
+    }
 
 
 def test_ceiling_is_the_untouched_accuracy_overall_and_per_concept():
@@ -201,10 +291,36 @@ def test_prompts_are_balanced_and_distinct():
     assert len(every) == len({p.text for p in every}) == 30 and {p.style for p in every} == {"neon"}
 
 
+def test_the_heldout_grid_holds_every_cell_once_its_templates_turning_and_the_unstyled_row():
+    world = MINICANVAS_64  # 20 objects x 10 styles, 5 templates; no model is loaded
+    grid = grid_prompts(world)
+    cells = [(spec.object, spec.style) for spec in grid]
+    assert len(cells) == len(set(cells)) == 20 * 10 + 20
+    assert set(cells) == {(o, s) for o in world.objects for s in world.styles} | {(o, None) for o in world.objects}
+    # One template a cell, turning one step along the row and one down the column.
+    assert [spec.text for spec in grid[:3]] == [
+        "a circle in sunset style",
+        "ocean picture of a circle",
+        "a neon circle",
+    ]
+    assert grid[10].text == "sunset picture of a square" and grid[-1].text == "a human"
+    quick = grid_prompts(world, 3, 2)
+    assert quick == [
+        spec for spec in grid if spec.object in world.objects[:3] and spec.style in (None, "sunset", "ocean")
+    ]
+    assert len(grid_prompts(world, 3, 2, plain_template=None)) == 6
+
+
 def test_protocol_image_counts_match_the_documented_budget():
-    assert planned_images(MINICANVAS, FULL) == 21_132
-    assert planned_images(MINICANVAS, dataclasses.replace(FULL, interventions=("steer",))) == 15_832
-    assert planned_images(MINICANVAS, QUICK) == 1_461
+    # Tuning: concepts x prompts x trials (SAEmnesia 7, SAeUron 21, SAeUron's replace 3); then the grid's cells x
+    # (one erasure a concept and 9 sequential steps) x 4 pipelines, the untouched grid and the chance prompts.
+    assert planned_images(MINICANVAS, FULL) == 20 * 20 * 31 + 110 * (20 + 9) * 4 + 110 + 110 == 25_380
+    steer = dataclasses.replace(FULL, interventions=("steer",))
+    assert planned_images(MINICANVAS, steer) == 20 * 20 * 28 + 110 * (20 + 9) * 2 + 110 + 110 == 17_800
+    assert planned_images(MINICANVAS_64, FULL) == 30 * 20 * 31 + 220 * (30 + 9) * 4 + 220 + 220 == 53_360
+    assert planned_images(MINICANVAS, QUICK) == 5 * 6 * 31 + 9 * (5 + 3) * 4 + 9 + 9 == 1_236
+    with pytest.raises(ValueError, match="must hold every erased concept"):
+        planned_images(MINICANVAS, dataclasses.replace(QUICK, grid_objects=2))
     with pytest.raises(ValueError, match="interventions must be some of"):
         dataclasses.replace(QUICK, interventions=("scrub",))
     with pytest.raises(ValueError, match="seeds must differ"):
@@ -277,8 +393,9 @@ def test_quick_mode_measures_replace_with_no_strength_search_and_ar_on_every_row
         entry = results["methods"][key]
         assert entry["intervention"] == ("replace" if "+" in key else "steer")
         for concept in entry["concepts"].values():
-            assert concept["heldout"]["images"] == 2 * QUICK.heldout_concept_prompts
+            assert concept["heldout"]["images"] == 3 * 2 + 3  # the tiny world's whole grid
             assert 0 <= concept["heldout"]["ar"] <= 100 and 0 <= concept["untouched"]["ar"] <= 100
+            assert concept["heldout"]["nothing_rate"] is None  # a classifier that cannot say "nothing"
             if "+" in key:
                 assert concept["chosen"]["strength"] == 0.0
         assert [step["erased"] for step in entry["sequential"]] == [["circle"], ["circle", "square"]]
@@ -301,10 +418,49 @@ def test_quick_mode_tunes_on_tuning_seeds_and_reports_on_heldout_ones(quick_run)
             assert len(entry["tuning"]) == trials_per_concept
             best = max(entry["tuning"], key=lambda trial: trial["score"])
             assert entry["chosen"]["tuning_score"] == best["score"]
-            assert entry["heldout"]["images"] == 2 * QUICK.heldout_concept_prompts
+            assert entry["heldout"]["images"] == 3 * 2 + 3
         assert set(results["methods"][method]["summary"]) == {"object", "style"}
         steps = results["methods"][method]["sequential"]
         assert [step["erased"] for step in steps] == [["circle"], ["circle", "square"]]
+
+
+def test_quick_mode_reports_uas_chance_ceiling_beside_object_ua(quick_run):
+    _, _, _, results = quick_run
+    chance = results["chance"]
+    assert chance["blocks"] == [  # every cross-attention block of the tiny UNet but its style block
+        "down_blocks.1.attentions.0",
+        "up_blocks.0.attentions.0",
+        "up_blocks.0.attentions.1",
+        "up_blocks.1.attentions.0",
+        "mid_block.attentions.0",
+    ]
+    assert list(chance["per_object"]) == ["circle", "square", "star"] and chance["images"] == 3 * (2 + 1)
+    for value in (chance["survival"], chance["ua_ceiling"], *chance["per_object"].values()):
+        assert isinstance(value, float) and 0 <= value <= 100
+    assert chance["ua_ceiling"] == pytest.approx(100 - chance["survival"], abs=0.01)
+    ceiling_cell = f"| {chance['ua_ceiling']:.2f} |"
+    object_rows = [line for line in results_table(results).splitlines() if "| objects |" in line]
+    assert len(object_rows) == 5 and all(ceiling_cell in line for line in object_rows)
+
+
+def test_a_classifier_that_can_say_nothing_reports_the_erased_objects_called_nothing(monkeypatch):
+    judge = tiny_classifier()
+    judge.config = dataclasses.replace(judge.config, objects=(*judge.config.objects, NO_OBJECT))
+    # Every image called "nothing" in sunset style: all of an erased object's images are gone.
+    gone = Verdict(NO_OBJECT, 1.0, "sunset", 1.0, None, None)
+    monkeypatch.setattr(cache_module, "classify", lambda classifier, images: [gone] * len(images))
+    protocol = dataclasses.replace(
+        QUICK, objects_erased=1, styles_erased=0, sequential_steps=1, interventions=("replace",)
+    )
+    results = evaluate(tiny_studio(), judge, protocol, cache=None, progress=False)
+    assert results["settings"]["no_object_label"] == NO_OBJECT
+    entry = results["methods"]["saemnesia+replace"]
+    circle = entry["concepts"]["circle"]
+    assert circle["heldout"]["nothing_rate"] == circle["untouched"]["nothing_rate"] == 100.0
+    assert (circle["heldout"]["ua"], circle["heldout"]["ira"], circle["heldout"]["cra"]) == (100.0, 0.0, 50.0)
+    assert entry["summary"]["object"]["nothing_rate"] == 100.0 and entry["sequential"][0]["nothing_rate"] == 100.0
+    assert results["chance"]["ua_ceiling"] == 100.0
+    assert "calls 'nothing' (%): SAEmnesia + replace 100.00; SAeUron + replace 100.00" in results_table(results)
 
 
 def test_edit_coverage_splits_the_heldout_images_as_the_benchmark_judged_them(quick_run, tmp_path):
@@ -313,7 +469,7 @@ def test_edit_coverage_splits_the_heldout_images_as_the_benchmark_judged_them(qu
     assert list(coverage) == ["circle", "square", "star"]
     for concept, entry in coverage.items():
         heldout = results["methods"]["saemnesia"]["concepts"][concept]["heldout"]
-        assert entry["images"] == QUICK.heldout_concept_prompts * len(QUICK.heldout_seeds)
+        assert entry["images"] == 2 + 1  # its two styled cells and its unstyled one, at the one held-out seed
         # The same images the benchmark made: as many survivors as its held-out UA says.
         assert entry["survived"] == round((100 - heldout["ua"]) / 100 * entry["images"])
         assert 0 <= entry["confident_survivors"] <= entry["survived"]
@@ -356,7 +512,7 @@ def test_rerun_takes_every_image_from_the_cache(quick_run, monkeypatch):
         "from_cache": first["images"]["planned"],
     }
     assert again["methods"] == first["methods"] and again["ceiling"] == first["ceiling"]
-    assert again["search"] == first["search"]
+    assert again["search"] == first["search"] and again["chance"] == first["chance"]
 
 
 def test_a_retrained_saemnesia_sae_remakes_only_saemnesia_images(quick_run, monkeypatch, tmp_path):
@@ -466,11 +622,7 @@ def test_evaluate_command_reports_on_other_seeds_or_tie_rule_under_its_own_name(
     seen = protocols_evaluated(monkeypatch)
     cli.main(["evaluate", "--heldout-from", "70000", "--ties", "centre", "--out", str(tmp_path), "--classifier", "x"])
     assert seen[0].name == "full-heldout-from-70000-ties-to-centre" and seen[0].ties == "centre"
-    assert (seen[0].heldout_seeds, seen[0].sequential_seeds, seen[0].tuning_seeds) == (
-        (70_000, 70_001),
-        (70_000,),
-        (50_000,),
-    )
+    assert (seen[0].heldout_seeds, seen[0].sequential_seeds, seen[0].tuning_seeds) == ((70_000,), (70_000,), (50_000,))
     cli.main(["evaluate", "--quick", "--ties", "mildest", "--out", str(tmp_path), "--classifier", "x"])
     assert seen[1].name == "quick" and seen[1].ties == "mildest"
     monkeypatch.setattr(cli, "_load_studio", lambda args: pytest.fail("a refused command must load nothing"))
@@ -571,6 +723,31 @@ def test_ablate_blocks_removes_the_prompt_at_one_block_and_leaves_the_model_clea
     assert all(not np.array_equal(seen[0], ablated) for ablated in seen[1:])
     with pytest.raises(ValueError, match="guidance > 1"):
         ablate_blocks(Studio(dataclasses.replace(TINY_WORLD, guidance=1.0), studio.pipeline), classifier, blocks)
+
+
+def test_chance_ceiling_ablates_every_block_but_the_style_block_at_once(monkeypatch):
+    studio, classifier = tiny_studio(), tiny_classifier()
+    hooked, hooked_block = [], diagnostics.hooked_block
+    monkeypatch.setattr(
+        diagnostics, "hooked_block", lambda unet, block, edit: hooked.append(block) or hooked_block(unet, block, edit)
+    )
+    seen = Verdict("circle", 1.0, "ocean", 1.0, None, None)  # whatever the picture, the classifier says circle
+    monkeypatch.setattr(diagnostics, "classify", lambda model, images: [seen] * len(images))
+    specs = [spec for spec in grid_prompts(TINY_WORLD) if spec.object in ("circle", "square")]
+    report = chance_ceiling(studio, classifier, specs, seeds=[1, 2])
+    # Every cross-attention block of the tiny UNet but the style block, up_blocks.1.attentions.1.
+    blocks = ["down_blocks.1.attentions.0", "up_blocks.0.attentions.0", "up_blocks.0.attentions.1"]
+    blocks += ["up_blocks.1.attentions.0", "mid_block.attentions.0"]
+    assert hooked == blocks * 2  # together, once a seed
+    assert report == {
+        "blocks": blocks,
+        "survival": 50.0,
+        "per_object": {"circle": 100.0, "square": 0.0},
+        "ua_ceiling": 50.0,
+        "images": 2 * 6,
+    }
+    with pytest.raises(ValueError, match="guidance > 1"):
+        chance_ceiling(Studio(dataclasses.replace(TINY_WORLD, guidance=1.0), studio.pipeline), classifier, specs, [1])
 
 
 def test_tuned_setting_joins_the_concepts_settings_as_sequential_erasure_does():

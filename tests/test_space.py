@@ -128,13 +128,15 @@ def test_on_zero_gpu_each_generating_event_asks_for_the_time_its_request_needs(t
     plain = {block_fn.api_name: block_fn.fn for block_fn in demo.fns.values()}
     studio_app.run_on_zero_gpu(demo, tiny_studio.world)
     wrapped = {block_fn.api_name for block_fn in demo.fns.values() if block_fn.fn is not plain[block_fn.api_name]}
-    assert wrapped == {"erase", "neighbours", "quick_check"}  # no attack results in the tiny world
+    assert wrapped == {"erase", "neighbours", "quick_check", "paint"}  # no attack results in the tiny world
     port = free_port()
     demo.queue(default_concurrency_limit=1).launch(server_port=port, prevent_thread_lock=True, quiet=True)
     try:
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
         slider, _, _ = client.predict("a star in neon style", ["star"], "Both", -10, 0, 7, 5.0, 0, 1, api_name="/erase")
         neighbours = client.predict(api_name="/neighbours")
+        mask = "\n".join(["11111111"] * 8)
+        client.predict("a star in neon style", "heart", "object", "saemnesia", 5, mask, 0, 1, 0, api_name="/paint")
     finally:
         demo.close()
     assert len(slider) == 2 and len(neighbours) == 2
@@ -143,8 +145,8 @@ def test_on_zero_gpu_each_generating_event_asks_for_the_time_its_request_needs(t
         return math.ceil(studio_app.ZERO_GPU_START_SECONDS + studio_app.ZERO_GPU_SECONDS_PER_IMAGE_STEP * image_steps)
 
     # Both methods, steer and replace (the default): four pairs at 7 steps; then three neighbour prompts at the
-    # pair's 7 steps, erased only.
-    assert durations == [seconds(2 * 2 * 2 * 7), seconds(3 * 7)]
+    # pair's 7 steps, erased only; then a painted pair at the world's 2 steps.
+    assert durations == [seconds(2 * 2 * 2 * 7), seconds(3 * 7), seconds(2 * 2)]
     assert seconds(2 * 2 * 2 * 50) <= 40  # the SD demo's four pairs (50 steps) ask for 40 s at most
 
 

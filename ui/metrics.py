@@ -41,7 +41,10 @@ def metrics_tab(studio: Studio, classifier, results: dict) -> None:
     benchmark = results.get("benchmark")
     if benchmark:
         shown = gr.Dropdown(
-            [(result_set_label(name), name) for name in result_sets(studio.world)],
+            [
+                (result_set_label(name, json.loads(path.read_text())["protocol"].get("heldout_seeds")), name)
+                for name, path in result_sets(studio.world).items()
+            ],
             value=benchmark["protocol"]["name"],
             label="Result set: the benchmark first, then runs that change one thing (seeds, block, classifier, ...)",
         )

@@ -37,7 +37,10 @@ def explorer(studio: Studio, last_run: gr.State) -> None:
     with gr.Row():
         histogram = gr.BarPlot(x="activation from", y="tokens", height=240, label="Activation density (log bins)")
         nearest = gr.Dataframe(
-            headers=["latent", "cosine", "concept"], interactive=False, label="Nearest latents by decoder (click one)"
+            headers=["latent", "cosine", "concept"],
+            interactive=False,
+            label="Nearest latents by decoder (click one)",
+            elem_id="nearest-latents",
         )
 
     def page(query, kind, method):

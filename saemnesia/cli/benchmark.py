@@ -273,7 +273,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "evaluate", help="UA / IRA / CRA of both methods with tuned strengths, and sequential erasure (resumable)"
     )
     add_classifier_world_arguments(evaluate)
-    evaluate.add_argument("--quick", action="store_true", help="3 objects, 2 styles, fewer prompts: a few minutes")
+    evaluate.add_argument(
+        "--quick", action="store_true", help="3 objects and 2 styles, on their 3 x 2 grid, fewer prompts: a few minutes"
+    )
     evaluate.add_argument("--protocol", choices=["full", "standard", "quick"], default="full")
     evaluate.add_argument("--out", default="assets/minicanvas/results", help="folder for the JSON, table and plots")
     evaluate.add_argument("--cache", default="runs/eval-cache.jsonl", help="verdicts of images made so far")

@@ -1,20 +1,29 @@
-"""The benchmark itself: `evaluate` searches each method's setting per concept, reports it on held-out seeds,
-erases objects sequentially and returns the results JSON.
+"""The benchmark itself: `evaluate` searches each method's setting per concept, reports it on the held-out grid,
+erases objects sequentially, measures UA's chance ceiling and returns the results JSON.
 
 The JSON `write_results` writes (`evaluation.json`, or `evaluation-quick.json`); metrics in % with
 2 decimals, null where undefined (e.g. IRA with no concept left):
-    schema: 1; world; protocol: the `Protocol` fields and `rules` (how settings were chosen)
-    settings: {steps, guidance, height, width, model, object_block, style_block, extra_blocks, fingerprint}
+    schema: 2; world; protocol: the `Protocol` fields and `rules` (how settings were chosen)
+    settings: {steps, guidance, height, width, model, object_block, style_block, extra_blocks, fingerprint,
+               artifact_detector, no_object_label}
     ceiling: {object_accuracy, style_accuracy, images, per_concept: {concept: accuracy on its kind}}
+        (the untouched model on the grid at every seed it was made at, pooled)
+    chance: {blocks, survival, per_object: {object: survival}, ua_ceiling, images} or null with no object erased
+        (`diagnostics.chance_survival`: the erased objects' grid prompts at the held-out seeds, every block but
+        the style block ablated)
     methods: {"saemnesia" | "saeuron" | "saemnesia+replace" | "saeuron+replace": {method, intervention,
         concepts: {concept: {kind, chosen: {strength, features_per_step, tuning_score},
                              tuning: [{strength, features_per_step, ua, ira, cra, cra_erased, ar, ar_others,
-                                       score}, ...],
-                             heldout: {ua, ira, cra, cra_erased, ar, ar_others, images}, untouched: {...}}},
-        summary: {"object" | "style": {ua, ira, cra, cra_erased, ar, ar_others, mean, concepts,
-                                       untouched: {...}}},
+                                       cra_styled: null, nothing_rate: null, score}, ...],
+                             heldout: {ua, ira, cra, cra_erased, ar, ar_others, cra_styled, nothing_rate, images},
+                             untouched: {...}}},
+        summary: {"object" | "style": {ua, ira, cra, cra_erased, ar, ar_others, cra_styled, nothing_rate, mean,
+                                       concepts, untouched: {...}}},
         sequential: [{erased: [objects], strength, features_per_step, ua, ira, cra, ..., images,
                       untouched: {...}}, ...]}}
+    Tuning rows pool their sampled images (`erasure_metrics`); held-out, sequential and untouched rows count the
+    grid as the authors' scripts do (`grid_metrics`). `nothing_rate` is set for objects scored by a classifier
+    with a no-object label (`settings.no_object_label`), null otherwise.
     search: {<pipeline>: {strengths: {kind: grid}, features_per_step, trials_per_concept, trials, images,
              seconds, seconds_per_trial}, paper_grid: {trials_per_concept: 210, trials, estimated_seconds},
              trials_saved: 1 - ours/theirs per concept, vs our SAeUron grid and vs the paper's}
@@ -37,6 +46,7 @@ from tqdm.auto import tqdm
 
 from saemnesia.erase import METHODS
 from saemnesia.evaluate.cache import UNTOUCHED, Judge, VerdictCache, fingerprint
+from saemnesia.evaluate.diagnostics import chance_blocks, chance_survival, unconditional_blocks
 from saemnesia.evaluate.metrics import (
     KINDS,
     METRICS,
@@ -44,7 +54,7 @@ from saemnesia.evaluate.metrics import (
     TABLE1_METRICS,
     Judged,
     ceiling,
-    erasure_metrics,
+    grid_metrics,
     mean_of_known,
     metrics_dict,
     rounded,
@@ -60,12 +70,16 @@ from saemnesia.evaluate.search import (
     pipeline_key,
     search_grid,
 )
+from saemnesia.generate import PairResult
 from saemnesia.minicanvas.artifacts import ArtifactDetector
-from saemnesia.minicanvas.classifier import MiniCanvasClassifier
+from saemnesia.minicanvas.classifier import NO_OBJECT, MiniCanvasClassifier
 from saemnesia.studio import Studio
 from saemnesia.worlds import portable_name
 
 logger = logging.getLogger(__name__)
+
+CHANCE = "chance"
+"""The method name, in the cache, of the images made for UA's chance ceiling (the untouched model's fingerprint)."""
 
 
 def _check_ready(studio: Studio, classifier: MiniCanvasClassifier, concepts: list[str]) -> None:
@@ -99,7 +113,8 @@ def evaluate(
 
     `cache` is a JSONL file of verdicts (created if missing); a rerun with the same model finds its
     images there and makes only what is missing. With an `artifact_detector` every image is also judged
-    for artifacts and each row gains AR.
+    for artifacts and each row gains AR. A `classifier` with a no-object label gives each erased object's
+    rows `nothing_rate`. The chance ceiling ablates blocks with classifier-free guidance: guidance > 1.
     """
     began = time.time()
     world = studio.world
@@ -114,12 +129,12 @@ def evaluate(
     tags = {method: fingerprint(studio, classifier, method, artifact_detector) for method in (UNTOUCHED, *METHODS)}
     if protocol.start_step:  # it decides the erased images: their verdicts are apart from those of step 0
         tags |= {method: f"{tags[method]}-from-step-{protocol.start_step}" for method in METHODS}
+    tags[CHANCE] = tags[UNTOUCHED]
     logger.info("%d images planned (%s protocol)", plan.images, protocol.name)
     bar = tqdm(total=plan.images, desc=f"evaluate ({protocol.name})", unit="image", disable=not progress)
     judge = Judge(studio, classifier, VerdictCache(cache, tags), bar, protocol, artifact_detector)
-    untouched = {
-        (j.seed, j.prompt): j for seed, specs in plan.untouched.items() for j in judge.images(None, (), [seed], specs)
-    }
+    chance = _chance(judge, protocol, plan)
+    untouched = {(j.seed, j.prompt): j for j in judge.images(None, (), plan.untouched_seeds, plan.grid)}
 
     keys = [pipeline_key(method, intervention) for method, intervention in protocol.pipelines]
     methods: dict[str, dict] = {
@@ -140,7 +155,7 @@ def evaluate(
         methods[key]["sequential"] = _sequential(judge, protocol, plan, untouched, chosen[key])
     bar.close()
     return {
-        "schema": 1,
+        "schema": 2,
         "world": world.name,
         "protocol": {
             **asdict(protocol),
@@ -161,8 +176,10 @@ def evaluate(
             },
             "fingerprint": tag,
             "artifact_detector": artifact_detector is not None,
+            "no_object_label": _nothing(classifier),
         },
         "ceiling": ceiling(list(untouched.values()), kinds),
+        "chance": chance,
         "methods": methods,
         "search": _search_report(protocol, plan, kinds, search_seconds),
         "paper": {
@@ -174,6 +191,39 @@ def evaluate(
         "wall_time_s": round(time.time() - began, 2),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def _nothing(classifier: MiniCanvasClassifier) -> str | None:
+    """The classifier's label for an image with no object, if it has one."""
+    return NO_OBJECT if NO_OBJECT in classifier.config.objects else None
+
+
+class _AblatedStudio:
+    """The studio as a `Judge` uses it, every image made with `blocks` ablated and no erasure hook: so the chance
+    ceiling's verdicts are cached, counted and resumed like every other image."""
+
+    def __init__(self, studio: Studio, blocks: Sequence[str]):
+        self.studio, self.blocks = studio, blocks
+
+    def hooks(self, *args, **kwargs) -> list:
+        return []
+
+    def generate(self, prompts: list[str], hooks: list, seed: int, include_originals: bool = True) -> PairResult:
+        with unconditional_blocks(self.studio, self.blocks):
+            return self.studio.generate(prompts, hooks, seed, include_originals=include_originals)
+
+
+def _chance(judge: Judge, protocol: Protocol, plan: Plan) -> dict | None:
+    """UA's chance ceiling on the erased objects' grid prompts at the held-out seeds (`chance_survival`)."""
+    if not plan.chance:
+        return None
+    blocks = chance_blocks(judge.studio)
+    ablated = Judge(_AblatedStudio(judge.studio, blocks), judge.classifier, judge.cache, judge.bar, protocol)
+    judged = ablated.images(Setting(CHANCE, 0.0, 0, "ablate"), blocks, protocol.heldout_seeds, plan.chance)
+    judge.generated += ablated.generated
+    judge.from_cache += ablated.from_cache
+    judge.generation_seconds += ablated.generation_seconds
+    return chance_survival(judged, blocks)
 
 
 def _untouched_of(
@@ -203,8 +253,8 @@ def _erase_concept(
             setting: judge.images(setting, [concept], protocol.tuning_seeds, plan.tuning[concept]) for setting in grid
         }
         best, tuning = choose_setting(trials, concept, kind, kind_size, protocol.tuning_seeds, protocol.ties)
-    heldout = judge.images(best, [concept], protocol.heldout_seeds, plan.heldout[concept])
-    metrics = erasure_metrics(heldout, [concept], kind, kind_size)
+    heldout = judge.images(best, [concept], protocol.heldout_seeds, plan.grid)
+    metrics = grid_metrics(heldout, [concept], kind, _nothing(judge.classifier))
     logger.info(
         "%s %s: strength %g, %d latent(s)/step: %s",
         best.key,
@@ -213,7 +263,7 @@ def _erase_concept(
         best.features_per_step,
         metrics_dict(metrics),
     )
-    reference = _untouched_of(untouched, protocol.heldout_seeds, plan.heldout[concept])
+    reference = _untouched_of(untouched, protocol.heldout_seeds, plan.grid)
     return best, {
         "kind": kind,
         "chosen": {
@@ -231,7 +281,7 @@ def _erase_concept(
             for s, m in tuning.items()
         ],
         "heldout": {**metrics_dict(metrics), "images": len(heldout)},
-        "untouched": metrics_dict(erasure_metrics(reference, [concept], kind, kind_size)),
+        "untouched": metrics_dict(grid_metrics(reference, [concept], kind, _nothing(judge.classifier))),
     }
 
 
@@ -243,21 +293,21 @@ def _sequential(
     chosen: Mapping[str, Setting],
 ) -> list[dict]:
     """UA / IRA / CRA with the first 1, 2, ... objects erased together, at the lower median of their tuned settings."""
-    reference = _untouched_of(untouched, protocol.sequential_seeds, plan.sequential_prompts)
-    objects = len(judge.studio.world.objects)
+    reference = _untouched_of(untouched, protocol.sequential_seeds, plan.grid)
+    nothing = _nothing(judge.classifier)
     steps = []
     for erased in plan.sequential:
         first = chosen[erased[0]]
         setting = joint_setting(first.method, [chosen[c] for c in erased], first.intervention)
-        judged = judge.images(setting, erased, protocol.sequential_seeds, plan.sequential_prompts)
+        judged = judge.images(setting, erased, protocol.sequential_seeds, plan.grid)
         steps.append(
             {
                 "erased": erased,
                 "strength": setting.strength,
                 "features_per_step": setting.features_per_step,
-                **metrics_dict(erasure_metrics(judged, erased, "object", objects)),
+                **metrics_dict(grid_metrics(judged, erased, "object", nothing)),
                 "images": len(judged),
-                "untouched": metrics_dict(erasure_metrics(reference, erased, "object", objects)),
+                "untouched": metrics_dict(grid_metrics(reference, erased, "object", nothing)),
             }
         )
     return steps

@@ -1,11 +1,12 @@
 """Looks at one erasure or one block outside the benchmark: a live check on a few seeds (the app's), which blocks
-the image needs (`ablate-blocks`), and where a tuned erasure fails (`edit-coverage`)."""
+the image needs (`ablate-blocks`), the chance ceiling of UA (which the benchmark reports too), and where a tuned
+erasure fails (`edit-coverage`)."""
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping, Sequence
-from contextlib import ExitStack
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
@@ -14,11 +15,20 @@ from torch import Tensor
 
 from saemnesia.concepts import check_concepts
 from saemnesia.evaluate.cache import UNTOUCHED
-from saemnesia.evaluate.metrics import KINDS, Judged, accuracy, erasure_metrics, mean_of_known, rounded
-from saemnesia.evaluate.protocol import PromptSpec, balanced_prompts, erasure_prompts
+from saemnesia.evaluate.metrics import (
+    KINDS,
+    Judged,
+    accuracy,
+    concept_accuracies,
+    erasure_metrics,
+    mean_of_known,
+    rounded,
+)
+from saemnesia.evaluate.protocol import PromptSpec, erasure_prompts, grid_prompts
 from saemnesia.generate import model_lock
 from saemnesia.hooks import hook_points, hooked_block
 from saemnesia.minicanvas.classifier import MiniCanvasClassifier, Verdict, classify
+from saemnesia.minicanvas.data import PLAIN_TEMPLATE
 from saemnesia.studio import Studio
 
 
@@ -64,6 +74,36 @@ def live_check(
     }
 
 
+def _unconditional(hidden: Tensor, step: int) -> Tensor:
+    half = hidden.shape[0] // 2
+    return torch.cat([hidden[:half], hidden[:half]])
+
+
+@contextmanager
+def unconditional_blocks(studio: Studio, blocks: Sequence[str]) -> Iterator[None]:
+    """Within the `with`, each of `blocks` passes on its unconditional output in both halves of classifier-free
+    guidance at every step: nothing of the prompt goes through them. Holds the model's lock throughout."""
+    if studio.world.guidance <= 1:
+        raise ValueError("Ablation swaps the conditional half for the unconditional one: it needs guidance > 1.")
+    pipeline = studio.pipeline
+    with model_lock(pipeline), ExitStack() as stack:
+        for block in blocks:
+            stack.enter_context(hooked_block(pipeline.unet, block, _unconditional))
+        yield
+
+
+def _ablated_verdicts(
+    studio: Studio, classifier: MiniCanvasClassifier, specs: Sequence[PromptSpec], seed: int, blocks: Sequence[str]
+) -> list[Judged]:
+    """The classifier's verdicts on `specs` made from `seed` with `blocks` ablated (`unconditional_blocks`)."""
+    with unconditional_blocks(studio, blocks):
+        images = studio.generate([spec.text for spec in specs], [], seed, include_originals=False).erased
+    return [
+        Judged(spec.text, seed, spec.object, spec.style, verdict.object, verdict.style)
+        for spec, verdict in zip(specs, classify(classifier, images))
+    ]
+
+
 @torch.no_grad()
 def ablate_blocks(
     studio: Studio,
@@ -81,32 +121,56 @@ def ablate_blocks(
     where a concept can be read, this says where it is needed. Every object with its first styles,
     first template, one seed.
     """
-    world, pipeline = studio.world, studio.pipeline
-    if world.guidance <= 1:
-        raise ValueError("Ablation swaps the conditional half for the unconditional one: it needs guidance > 1.")
-    blocks = list(blocks or hook_points(pipeline.unet))
+    world = studio.world
+    blocks = list(blocks or hook_points(studio.pipeline.unet))
     specs = [
         PromptSpec(world.prompt(obj, style, world.templates[0]), obj, style)
         for obj in world.objects
         for style in world.styles[:styles_per_object]
     ]
-
-    def unconditional(hidden: Tensor, step: int) -> Tensor:
-        half = hidden.shape[0] // 2
-        return torch.cat([hidden[:half], hidden[:half]])
-
     report = {}
     for block in [None, *blocks]:
-        with model_lock(pipeline), ExitStack() as stack:
-            if block is not None:
-                stack.enter_context(hooked_block(pipeline.unet, block, unconditional))
-            images = studio.generate([spec.text for spec in specs], [], seed, include_originals=False).erased
-        judged = [
-            Judged(spec.text, seed, spec.object, spec.style, verdict.object, verdict.style)
-            for spec, verdict in zip(specs, classify(classifier, images))
-        ]
+        judged = _ablated_verdicts(studio, classifier, specs, seed, [] if block is None else [block])
         report[block or UNTOUCHED] = {kind: rounded(accuracy(judged, kind)) for kind in KINDS}
     return report
+
+
+def chance_blocks(studio: Studio) -> list[str]:
+    """Every cross-attention block of the UNet but the world's style block: ablated together, nothing of the
+    prompt's object passes while its style still can."""
+    return [block for block in hook_points(studio.pipeline.unet) if block != studio.world.style_block]
+
+
+def chance_survival(judged: Sequence[Judged], blocks: Sequence[str]) -> dict:
+    """UA's chance ceiling from verdicts on images made with `blocks` ablated: the share (%) still named as the
+    prompt's object, per object (each grid cell weighing the same, as UA counts) and its mean over objects, and
+    `ua_ceiling` = 100 - that mean. An erasure that leaves a clean picture of some other object is named the
+    erased one about this often by chance, so it can score no better UA than the ceiling; noise the classifier
+    never calls the object can."""
+    per_object = concept_accuracies(judged, "object")
+    survival = mean_of_known(list(per_object.values()))
+    return {
+        "blocks": list(blocks),
+        "survival": rounded(survival),
+        "per_object": {name: rounded(value) for name, value in per_object.items()},
+        "ua_ceiling": None if survival is None else rounded(100 - survival),
+        "images": len(judged),
+    }
+
+
+@torch.no_grad()
+def chance_ceiling(
+    studio: Studio,
+    classifier: MiniCanvasClassifier,
+    specs: Sequence[PromptSpec],
+    seeds: Sequence[int],
+    blocks: Sequence[str] | None = None,
+) -> dict:
+    """`chance_survival` of `specs` made from each of `seeds` with `blocks` (default `chance_blocks`) ablated
+    together (METHOD section 10: 10% on MiniCanvas's 10 objects with all seven blocks, exactly chance)."""
+    blocks = list(blocks or chance_blocks(studio))
+    judged = [j for seed in seeds for j in _ablated_verdicts(studio, classifier, specs, seed, blocks)]
+    return chance_survival(judged, blocks)
 
 
 CONFIDENT = 0.9
@@ -132,16 +196,22 @@ def edit_coverage(
     threshold. A classifier without a no-object class must name one of the world's concepts, so an image
     left with no object at all is still given one: its probability on survivors against that on the
     originals tells a concept that stayed from a forced choice, and `grid` (a PNG of original | erased
-    pairs, one survivor a row) lets one look. The benchmark's held-out prompts naming the concept, at
-    its held-out seeds, each image made beside its original.
+    pairs, one survivor a row) lets one look. The benchmark's held-out grid cells naming the concept, at
+    its held-out seeds, each image made beside its original (results from before the grid: the whole grid).
     """
     protocol, report, pairs = results["protocol"], {}, []
     block = studio.world.block_for(kind)
+    cells = grid_prompts(
+        studio.world,
+        protocol.get("grid_objects"),
+        protocol.get("grid_styles"),
+        protocol.get("plain_template", PLAIN_TEMPLATE),
+    )
     for concept, entry in results["methods"][method]["concepts"].items():
         if entry["kind"] != kind:
             continue
         chosen = entry["chosen"]
-        specs = balanced_prompts(studio.world, [concept], protocol["heldout_concept_prompts"])
+        specs = [spec for spec in cells if concept in (spec.object, spec.style)]
         shares: dict[str, list[float]] = {"survived": [], "erased": []}
         survivor_probs, original_probs, named_instead = [], [], Counter()
         for seed in protocol["heldout_seeds"]:

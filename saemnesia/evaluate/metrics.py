@@ -1,14 +1,16 @@
-"""The benchmark's measures on judged images: UA, IRA and CRA (UnlearnCanvas's), the artifact rate, the
-untouched model's ceiling, and the papers' numbers ours are set beside."""
+"""The benchmark's measures on judged images: UA, IRA and CRA (UnlearnCanvas's, counted over the object x style
+grid as the authors' scripts count them, and pooled for the strength search), the artifact rate, the untouched
+model's ceiling, and the papers' numbers ours are set beside."""
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import NamedTuple
 
 KINDS = ("object", "style")
 TABLE1_METRICS = ("ua", "ira", "cra")
-METRICS = (*TABLE1_METRICS, "cra_erased", "ar", "ar_others")
+METRICS = (*TABLE1_METRICS, "cra_erased", "ar", "ar_others", "cra_styled", "nothing_rate")
+"""Every field of `Metrics`, as results rows name them."""
 
 # UnlearnCanvas: Table 1 of the SAEmnesia paper (steer) and PER's object table (replace, with its artifact
 # rate judged by a VLM; PER reports no styles).
@@ -28,7 +30,8 @@ class Judged(NamedTuple):
     prompt: str
     seed: int
     object: str
-    style: str
+    style: str | None
+    """None: an unstyled prompt ("a star"), which asks for no style."""
     seen_object: str
     seen_style: str
     artifact: bool | None = None
@@ -48,6 +51,13 @@ class Metrics(NamedTuple):
     """Artifact rate on the erased concepts' own images, where the edit acts (`judged_artifact_rate`)."""
     ar_others: float | None = None
     """Artifact rate on the other concepts' images, which the edit should leave alone."""
+    cra_styled: float | None = None
+    """The other kind's accuracy over the styled cells of the grid (`grid_metrics` only). For erased objects it is
+    CRA; for erased styles it is what CRA meant before the authors' counting: the objects of the styled pictures,
+    where a style erasure acts, where CRA reads them from the unstyled prompts only."""
+    nothing_rate: float | None = None
+    """The share of the erased objects' images a classifier with a no-object label calls "nothing": gone, rather
+    than turned into another object (`grid_metrics` with `nothing`; None for styles or other classifiers)."""
 
     @property
     def score(self) -> float | None:
@@ -59,16 +69,19 @@ def other_kind(kind: str) -> str:
     return "style" if kind == "object" else "object"
 
 
-def _asked(judged: Judged, kind: str) -> str:
+def _asked(judged: Judged, kind: str) -> str | None:
     return judged.object if kind == "object" else judged.style
 
 
+def _seen(judged: Judged, kind: str) -> str:
+    return judged.seen_object if kind == "object" else judged.seen_style
+
+
 def accuracy(judged: Sequence[Judged], kind: str) -> float | None:
-    """100 x the share of images whose classifier verdict of `kind` is what the prompt asked for."""
-    if not judged:
-        return None
-    seen = [j.seen_object if kind == "object" else j.seen_style for j in judged]
-    return 100 * sum(s == _asked(j, kind) for s, j in zip(seen, judged)) / len(judged)
+    """100 x the share of images whose classifier verdict of `kind` is what the prompt asked for; images that
+    asked for no concept of `kind` (unstyled prompts, for styles) do not count."""
+    asked = [j for j in judged if _asked(j, kind) is not None]
+    return 100 * sum(_seen(j, kind) == _asked(j, kind) for j in asked) / len(asked) if asked else None
 
 
 def judged_artifact_rate(judged: Sequence[Judged]) -> float | None:
@@ -77,12 +90,75 @@ def judged_artifact_rate(judged: Sequence[Judged]) -> float | None:
     return 100 * sum(called) / len(called) if called else None
 
 
+def _per_concept(judged: Sequence[Judged], kind: str, hit: Callable[[Judged], bool]) -> dict[str, float]:
+    """100 x the share of each concept's images where `hit` holds, every grid cell (object, style) of the concept
+    weighing the same however many images (seeds) it holds, as the authors' scripts count a full grid."""
+    cells: dict[tuple[str, str | None], list[bool]] = {}
+    for j in judged:
+        if _asked(j, kind) is not None:
+            cells.setdefault((j.object, j.style), []).append(hit(j))
+    shares: dict[str, list[float]] = {}
+    for (object_name, style), hits in cells.items():
+        shares.setdefault(object_name if kind == "object" else style, []).append(100 * sum(hits) / len(hits))
+    return {concept: sum(values) / len(values) for concept, values in shares.items()}
+
+
+def concept_accuracies(judged: Sequence[Judged], kind: str) -> dict[str, float]:
+    """Each concept of `kind`'s accuracy over its grid cells, each cell weighing the same: an object's styled
+    cells and its unstyled one, a style's column."""
+    return _per_concept(judged, kind, lambda j: _seen(j, kind) == _asked(j, kind))
+
+
+def _our_measures(judged: Sequence[Judged], erased: Collection[str], kind: str) -> dict[str, float | None]:
+    """What we measure beside UnlearnCanvas's numbers: the other kind on the erased concepts' images, the AR."""
+    on_erased = [j for j in judged if _asked(j, kind) in erased]
+    on_others = [j for j in judged if _asked(j, kind) not in erased]
+    return {
+        "cra_erased": accuracy(on_erased, other_kind(kind)),
+        "ar": judged_artifact_rate(on_erased),
+        "ar_others": judged_artifact_rate(on_others),
+    }
+
+
+def grid_metrics(judged: Sequence[Judged], erased: Collection[str], kind: str, nothing: str | None = None) -> Metrics:
+    """UA, IRA and CRA as the authors' scripts count them over the object x style grid (SAeUron's, after its
+    2025-10-15 fix, which SAEmnesia reuses): per concept, each grid cell weighing the same.
+
+    Erased objects: UA = 100 - their accuracy over their cells (styled and unstyled), IRA the mean over the other
+    objects of theirs, CRA the mean over styles of their accuracy down their column (every object; unstyled
+    prompts ask no style). Erased styles: UA and IRA the same over the styles' columns, CRA the objects' accuracy
+    on the unstyled prompts alone. Several erased concepts: UA averages theirs, IRA the rest of their kind. The
+    grid is the concepts the images ask for (a sub-grid counts the same way). With `nothing`, the label of a
+    classifier for an image with no object, `nothing_rate` is the share of the erased objects' images given it.
+    """
+    own = concept_accuracies(judged, kind)
+    erased_accuracy = mean_of_known([own.get(concept) for concept in erased])
+    if kind == "object":
+        cross = concept_accuracies(judged, "style")
+    else:
+        cross = concept_accuracies([j for j in judged if j.style is None], "object")
+    styled = concept_accuracies([j for j in judged if j.style is not None], other_kind(kind))
+    gone = None
+    if kind == "object" and nothing is not None:
+        called_nothing = _per_concept(judged, kind, lambda j: j.seen_object == nothing)
+        gone = mean_of_known([called_nothing.get(concept) for concept in erased])
+    return Metrics(
+        None if erased_accuracy is None else 100 - erased_accuracy,
+        mean_of_known([value for concept, value in own.items() if concept not in erased]),
+        mean_of_known(list(cross.values())),
+        **_our_measures(judged, erased, kind),
+        cra_styled=mean_of_known(list(styled.values())),
+        nothing_rate=gone,
+    )
+
+
 def erasure_metrics(judged: Sequence[Judged], erased: Collection[str], kind: str, kind_size: int) -> Metrics:
-    """UA on images naming an erased concept, IRA on those naming another of its kind, CRA on the other kind.
+    """UA on images naming an erased concept, IRA on those naming another of its kind, CRA on the other kind,
+    each pooled over the images: the strength search's measure on its sampled prompts (`grid_metrics` counts
+    the held-out grid as the authors do).
 
     `kind` is the erased concepts' kind ("object" or "style"), `kind_size` how many concepts of that kind
-    the world has. CRA is accuracy on the other kind over the whole object x style grid, as UnlearnCanvas
-    and SAeUron's scripts count it (every image of the grid once): the erased concepts' images weigh
+    the world has. CRA is accuracy on the other kind over the styled grid: the erased concepts' images weigh
     len(erased) / kind_size of it and the others' images the rest, however many of each were sampled.
     Unweighted, the protocols' equal halves of erased and other prompts would count the erased
     concepts' images 5x too much at one erased object of 10. `cra_erased` reports them alone.
@@ -92,20 +168,14 @@ def erasure_metrics(judged: Sequence[Judged], erased: Collection[str], kind: str
     on_erased = [j for j in judged if _asked(j, kind) in erased]
     on_others = [j for j in judged if _asked(j, kind) not in erased]
     erased_accuracy = accuracy(on_erased, kind)
-    cross_erased, cross_others = accuracy(on_erased, other_kind(kind)), accuracy(on_others, other_kind(kind))
+    ours = _our_measures(judged, erased, kind)
+    cross_erased, cross_others = ours["cra_erased"], accuracy(on_others, other_kind(kind))
     if cross_erased is None or cross_others is None:
         cross = cross_others if cross_erased is None else cross_erased
     else:
         share = len(erased) / kind_size
         cross = share * cross_erased + (1 - share) * cross_others
-    return Metrics(
-        None if erased_accuracy is None else 100 - erased_accuracy,
-        accuracy(on_others, kind),
-        cross,
-        cross_erased,
-        judged_artifact_rate(on_erased),
-        judged_artifact_rate(on_others),
-    )
+    return Metrics(None if erased_accuracy is None else 100 - erased_accuracy, accuracy(on_others, kind), cross, **ours)
 
 
 def ceiling(judged: Sequence[Judged], concepts: Mapping[str, str]) -> dict:

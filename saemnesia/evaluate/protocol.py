@@ -1,19 +1,25 @@
 """What the benchmark measures: its protocols (which concepts are erased, on which prompts and seeds) and the
 prompts they make, planned before any image so that the total is known.
 
-Protocols (`FULL`, `QUICK`). All images are erased-only, many prompts a call, all prompts of a call
-from one seed's noise; seeds are far above those `collect` uses for the statistics (0 to 1199).
-- full: all 10 objects and 10 styles erased. Tuning: seed 50000, 10 prompts naming the concept and 10
-  naming other concepts of its kind (partners and templates rotating), so 20 images a trial,
-  28 trials a concept: 11,200 images. Held-out: seeds 60000-60001, 20 + 20 prompts, 2 methods: 3,200.
-  Sequential: 1 to 9 objects, 50 prompts over all objects, seed 60000, 2 methods: 900. Untouched: every
-  held-out and sequential prompt at its seeds: 532. 15,832 images with steer alone, about 34 minutes at
-  the 7.8 images/s measured on a 2-core CPU; replace adds SAeUron's 3 trials a concept (1,200), held-out
-  (3,200) and sequential (900) images: 21,132 in all.
-- quick: the first 3 objects and 2 styles; tuning 3 + 3 prompts (840 images), held-out seed 60000 with
-  6 + 6 prompts (120), sequential 1 to 3 objects on 20 prompts (120), untouched 51: 1,131 images with steer
-  alone, 1,461 with replace, about 5 minutes at 5 images/s. A demo and a smoke test: too few images to
-  compare methods.
+Each protocol searches every erased concept's strength on a tuning seed with sampled prompts (`erasure_prompts`),
+then measures the chosen setting, and each sequential step, on every cell of the held-out grid (`grid_prompts`):
+every object x every style, one training template a cell, plus the unstyled row ("a star"), as the authors'
+scripts count UnlearnCanvas. The untouched model makes the grid once a seed, and with the erased objects'
+prompts ablated at every block but the style block it gives UA's chance ceiling. All images are erased-only,
+many prompts a call, all prompts of a call from one seed's noise; seeds are far above those `collect` uses for
+the statistics (0 to 1199). Counts are for both interventions (steer alone in brackets):
+- full: every object and style erased. Tuning: seed 50000, 10 prompts naming the concept and 10 naming other
+  concepts of its kind (partners and templates rotating), 20 images a trial. Held-out: the whole grid at seed
+  60000 for each erasure, and for sequential erasure of 1 to 9 objects. MiniCanvas-64 (20 objects x 10 styles:
+  220 cells) makes 18,600 tuning images, 26,400 held-out, 7,920 sequential, 220 untouched and 220 for the
+  chance ceiling: 53,360 (34,400). A second held-out seed (60001) would make it 80,200, the held-out grid then
+  2.8 times the search, so the grid gets one seed, never fewer cells. MiniCanvas (10 x 10, 110 cells): 25,380
+  (17,800), about 38 minutes steer alone at the 7.8 images/s measured on a 2-core CPU.
+- standard: every object and 4 styles, 6 + 6 tuning prompts, the whole grid at seed 60000: MiniCanvas-64
+  38,408 (23,024), MiniCanvas 15,548 (9,984).
+- quick: the first 3 objects and 2 styles, erased and gridded (3 x 2 cells and 3 unstyled); tuning 3 + 3
+  prompts, seed 60000, sequential 1 to 3 objects: 1,236 images (1,002) in any world of at least 4 objects. A
+  demo and a smoke test: too few images to compare methods.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from typing import NamedTuple
 
 from saemnesia.erase import INTERVENTIONS, METHODS
 from saemnesia.evaluate.search import OBJECT_STRENGTHS, SAEURON_FEATURES, STYLE_STRENGTHS, TIES, search_grid
+from saemnesia.minicanvas.data import PLAIN_TEMPLATE
 from saemnesia.worlds import World
 
 
@@ -41,12 +48,17 @@ class Protocol:
     """Prompts naming the erased concept, per trial and tuning seed."""
     tuning_other_prompts: int
     """Prompts naming other concepts of its kind, per trial and tuning seed."""
-    heldout_concept_prompts: int
-    heldout_other_prompts: int
     sequential_steps: int
     """Up to this many objects erased together (capped at the tuned objects and all objects but one)."""
-    sequential_prompts: int
     sequential_seeds: tuple[int, ...]
+    grid_objects: int | None = None
+    """The held-out grid's objects: the world's first n (None: all). Every erasure, held-out and sequential, is
+    measured on every cell of the grid (`grid_prompts`); it must hold the erased concepts."""
+    grid_styles: int | None = None
+    """The held-out grid's styles: the world's first n (None: all)."""
+    plain_template: str | None = PLAIN_TEMPLATE
+    """The prompt of the grid's unstyled row, one prompt an object (None: no unstyled row, for a world whose
+    prompts have no unstyled form; CRA of erased styles is then undefined)."""
     object_strengths: tuple[float, ...] = OBJECT_STRENGTHS
     style_strengths: tuple[float, ...] = STYLE_STRENGTHS
     saeuron_features: tuple[int, ...] = SAEURON_FEATURES
@@ -84,13 +96,10 @@ FULL = Protocol(
     objects_erased=None,
     styles_erased=None,
     tuning_seeds=(50_000,),
-    heldout_seeds=(60_000, 60_001),
+    heldout_seeds=(60_000,),
     tuning_concept_prompts=10,
     tuning_other_prompts=10,
-    heldout_concept_prompts=20,
-    heldout_other_prompts=20,
     sequential_steps=9,
-    sequential_prompts=50,
     sequential_seeds=(60_000,),
 )
 QUICK = Protocol(
@@ -101,11 +110,10 @@ QUICK = Protocol(
     heldout_seeds=(60_000,),
     tuning_concept_prompts=3,
     tuning_other_prompts=3,
-    heldout_concept_prompts=6,
-    heldout_other_prompts=6,
     sequential_steps=3,
-    sequential_prompts=20,
     sequential_seeds=(60_000,),
+    grid_objects=3,
+    grid_styles=2,
 )
 STANDARD = Protocol(
     name="standard",
@@ -115,20 +123,18 @@ STANDARD = Protocol(
     heldout_seeds=(60_000,),
     tuning_concept_prompts=6,
     tuning_other_prompts=6,
-    heldout_concept_prompts=20,
-    heldout_other_prompts=20,
     sequential_steps=9,
-    sequential_prompts=30,
     sequential_seeds=(60_000,),
 )
-"""Every object and four styles, lighter search prompts: 6,596 images, 15.6 minutes on a 2-core CPU."""
+"""Every object and four styles, lighter search prompts: the module docstring counts its images."""
 PROTOCOLS = {"full": FULL, "standard": STANDARD, "quick": QUICK}
 
 
 class PromptSpec(NamedTuple):
     text: str
     object: str
-    style: str
+    style: str | None
+    """None: an unstyled prompt ("a star")."""
 
 
 def balanced_prompts(world: World, rows: Sequence[str], count: int) -> list[PromptSpec]:
@@ -151,18 +157,42 @@ def balanced_prompts(world: World, rows: Sequence[str], count: int) -> list[Prom
     return prompts
 
 
+def grid_prompts(
+    world: World, objects: int | None = None, styles: int | None = None, plain_template: str | None = PLAIN_TEMPLATE
+) -> list[PromptSpec]:
+    """Every cell of the grid of the world's first `objects` x first `styles` (None: all) once, then its unstyled
+    row (`plain_template`, one prompt an object; none without a template).
+
+    The authors' scripts count every cell of UnlearnCanvas's grid; ours draws each cell's template from the
+    world's training templates, turning one a step along both rows and columns, so every object and every
+    style meets each template (where it has as many cells) and a sub-grid's cells are the full grid's.
+    """
+    templates = world.templates
+    cells = [
+        PromptSpec(world.prompt(object_name, style, templates[(row + column) % len(templates)]), object_name, style)
+        for row, object_name in enumerate(world.objects[:objects])
+        for column, style in enumerate(world.styles[:styles])
+    ]
+    if plain_template is None:
+        return cells
+    return cells + [PromptSpec(world.prompt(o, "", plain_template), o, None) for o in world.objects[:objects]]
+
+
 @dataclass
 class Plan:
     """Every prompt the protocol generates, worked out before any image, so the total is known."""
 
     concepts: list[str]
     tuning: dict[str, list[PromptSpec]]
-    heldout: dict[str, list[PromptSpec]]
+    grid: list[PromptSpec]
+    """The held-out grid (`grid_prompts`): every erasure, held-out and sequential, is measured on all of it."""
     sequential: list[list[str]]
     """The objects erased together at each sequential step."""
-    sequential_prompts: list[PromptSpec]
-    untouched: dict[int, list[PromptSpec]]
-    """By seed: every held-out and sequential prompt, made once without erasure."""
+    untouched_seeds: list[int]
+    """The seeds the untouched model makes the grid at: the held-out and sequential ones."""
+    chance: list[PromptSpec]
+    """The grid's prompts naming an erased object, made at the held-out seeds with every block but the style
+    block ablated for UA's chance ceiling (`diagnostics.chance_blocks`)."""
     images: int
 
 
@@ -175,41 +205,27 @@ def erasure_prompts(world: World, concept: str, concept_count: int, other_count:
 def make_plan(world: World, protocol: Protocol) -> Plan:
     objects = list(world.objects[: protocol.objects_erased])
     styles = list(world.styles[: protocol.styles_erased])
-    tuning, heldout = {}, {}
-    for concept in objects + styles:
-        tuning[concept] = erasure_prompts(
-            world, concept, protocol.tuning_concept_prompts, protocol.tuning_other_prompts
-        )
-        heldout[concept] = erasure_prompts(
-            world, concept, protocol.heldout_concept_prompts, protocol.heldout_other_prompts
-        )
+    grid = grid_prompts(world, protocol.grid_objects, protocol.grid_styles, protocol.plain_template)
+    outside = [concept for concept in objects + styles if not any(concept in (s.object, s.style) for s in grid)]
+    if outside:
+        raise ValueError(f"The held-out grid must hold every erased concept: {outside} lie outside it.")
+    tuning = {
+        concept: erasure_prompts(world, concept, protocol.tuning_concept_prompts, protocol.tuning_other_prompts)
+        for concept in objects + styles
+    }
     steps = min(protocol.sequential_steps, len(objects), len(world.objects) - 1)
     sequential = [list(world.objects[:count]) for count in range(1, steps + 1)]
-    sequential_prompts = balanced_prompts(world, world.objects, protocol.sequential_prompts)
-    untouched: dict[int, dict[str, PromptSpec]] = {}
-    for seed in protocol.heldout_seeds:
-        for specs in heldout.values():
-            untouched.setdefault(seed, {}).update((spec.text, spec) for spec in specs)
-    for seed in protocol.sequential_seeds if sequential else ():
-        untouched.setdefault(seed, {}).update((spec.text, spec) for spec in sequential_prompts)
+    untouched_seeds = list(dict.fromkeys((*protocol.heldout_seeds, *(protocol.sequential_seeds if sequential else ()))))
+    chance = [spec for spec in grid if spec.object in objects]
     images = len(protocol.tuning_seeds) * sum(
         len(specs) * trials_of(protocol, method, intervention, world.kind_of(concept))
         for concept, specs in tuning.items()
         for method, intervention in protocol.pipelines
     )
-    pipelines = len(protocol.pipelines)
-    images += sum(len(specs) for specs in heldout.values()) * pipelines * len(protocol.heldout_seeds)
-    images += len(sequential) * len(sequential_prompts) * pipelines * len(protocol.sequential_seeds)
-    images += sum(len(specs) for specs in untouched.values())
-    return Plan(
-        objects + styles,
-        tuning,
-        heldout,
-        sequential,
-        sequential_prompts,
-        {seed: list(specs.values()) for seed, specs in untouched.items()},
-        images,
-    )
+    erasures = len(tuning) * len(protocol.heldout_seeds) + len(sequential) * len(protocol.sequential_seeds)
+    images += len(grid) * (erasures * len(protocol.pipelines) + len(untouched_seeds))
+    images += len(chance) * len(protocol.heldout_seeds)
+    return Plan(objects + styles, tuning, grid, sequential, untouched_seeds, chance, images)
 
 
 def trials_of(protocol: Protocol, method: str, intervention: str, kind: str) -> int:

@@ -7,6 +7,8 @@ import json
 import math
 import os
 import re
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from matplotlib.figure import Figure
@@ -78,14 +80,17 @@ VARIANTS = (
 order, with what it means in plain words."""
 
 
-def result_set_label(name: str) -> str:
+def result_set_label(name: str, heldout_seeds: Sequence[int] | None = None) -> str:
     """A result set's name and what it is in plain words, read from the parts `evaluate` built the name of: its
-    protocol, then each way it differs (`full-heldout-from-70000`: the same tuning, reported on seeds 70000-70001).
-    A name it cannot read is returned as it is."""
+    protocol, then each way it differs (`full-heldout-from-70000`: the same tuning, reported on seed 70000).
+    `heldout_seeds` are those the run recorded, where the protocol has changed since. A name it cannot read is
+    returned as it is."""
     base, _, rest = name.partition("-")
     protocol = PROTOCOLS.get(base)
     if protocol is None:
         return name
+    if heldout_seeds:
+        protocol = replace(protocol, heldout_seeds=tuple(heldout_seeds))
     if not rest:
         return f"{name}: {PROTOCOL_ROLES.get(base, base)}, {_scope(protocol)}, {_seed_span(protocol.heldout_seeds)}"
     words = []
@@ -111,19 +116,30 @@ def _pipelines(results: dict) -> list[str]:
     return list(results["methods"])
 
 
+def _row(summary: dict, ua_ceiling: float | None) -> list[float | None]:
+    """A summary's cells of the table: UA, its chance ceiling, IRA, CRA, mean, AR, CRA on the erased concept's."""
+    return [summary.get("ua"), ua_ceiling, *(summary.get(name) for name in ("ira", "cra", "mean", "ar", "cra_erased"))]
+
+
 def results_table(results: dict) -> str:
-    """Markdown: our held-out UA / IRA / CRA and AR next to the papers', the search cost, sequential erasure."""
+    """Markdown: our held-out UA (beside its chance ceiling) / IRA / CRA and AR next to the papers', the share of
+    erased objects called "nothing" where the classifier can say so, the search cost, sequential erasure."""
     pipelines = _pipelines(results)
+    chance = results.get("chance") or {}  # results from before the chance ceiling have none
     lines = [
         f"Erasure on {results['world']} ({results['protocol']['name']} protocol; paper: UnlearnCanvas, Table 1 of "
         "SAEmnesia for steer, PER's object table for replace; different worlds and artifact judges, so compare the "
-        "gaps, not the levels). AR: artifact rate on the erased concept's own images.",
+        "gaps, not the levels). AR: artifact rate on the erased concept's own images. UA ceiling: 100 - the share "
+        "of the erased objects' prompts still named the object with every block but the style block ablated, the "
+        "best UA an erasure that leaves a clean picture of another object can score.",
         "",
-        "| method | erased | UA | IRA | CRA | mean | AR | CRA on the erased concept's images "
+        "| method | erased | UA | UA ceiling | IRA | CRA | mean | AR | CRA on the erased concept's images "
         "| paper UA | paper IRA | paper CRA | paper mean | paper AR |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    nothing = []
     for kind in KINDS:
+        ua_ceiling = chance.get("ua_ceiling") if kind == "object" else None
         for key in pipelines:
             summary = results["methods"][key]["summary"].get(kind)
             if summary is None:
@@ -131,15 +147,19 @@ def results_table(results: dict) -> str:
             paper = PAPER_TABLE.get(key, {}).get(kind)
             paper_cells = [*paper, sum(paper) / 3] if paper else [None] * 4
             paper_ar = PAPER_AR.get(key) if kind == "object" else None
-            ours = [summary.get(name) for name in (*TABLE1_METRICS, "mean", "ar", "cra_erased")]
-            lines.append(
-                f"| {pipeline_label(key)} | {kind}s | " + " | ".join(map(_cell, [*ours, *paper_cells, paper_ar])) + " |"
-            )
+            cells = [*_row(summary, ua_ceiling), *paper_cells, paper_ar]
+            lines.append(f"| {pipeline_label(key)} | {kind}s | " + " | ".join(map(_cell, cells)) + " |")
+            if summary.get("nothing_rate") is not None:
+                nothing.append(f"{pipeline_label(key)} {summary['nothing_rate']:.2f}")
         summary = results["methods"][pipelines[0]]["summary"].get(kind)
         if summary is not None:
             untouched = summary["untouched"]
-            cells = [untouched.get(name) for name in (*TABLE1_METRICS, "mean", "ar", "cra_erased")]
+            cells = _row(untouched, ua_ceiling)
             lines.append(f"| untouched model | {kind}s | " + " | ".join(map(_cell, cells)) + " | | | | | |")
+            if untouched.get("nothing_rate") is not None:
+                nothing.append(f"untouched model {untouched['nothing_rate']:.2f}")
+    if nothing:
+        lines += ["", "Erased objects' held-out images the classifier calls 'nothing' (%): " + "; ".join(nothing) + "."]
     search = results["search"]
     lines += ["", "Search (per concept, on tuning seeds):", ""]
     for key in pipelines:
