@@ -1,10 +1,10 @@
 """The latent index: for every latent of an SAE, what makes it fire, read once off a collection.
 
-Per latent: its top activating images (collection image, step, and the token map at that step, so a page
-shows each image with its heatmap without generating anything), how often it fires, its mean and largest
-activation, a histogram of its activations, the concept its score ties it to (and the dictionary's binding,
-for a supervised SAE) and its nearest latents by decoder direction. The collection's images are kept as
-thumbnails beside the indexes (`ImageTable`), once for every SAE of the world.
+Per latent: its top activating images (collection image, the step it peaks at, and its token map averaged over
+the steps, so a page shows each image with its heatmap without generating anything), how often it fires, its
+mean and largest activation, a histogram of its activations, the concept its score ties it to (and the
+dictionary's binding, for a supervised SAE) and its nearest latents by decoder direction. The collection's images
+are kept as thumbnails beside the indexes (`ImageTable`), once for every SAE of the world.
 
 A world's indexes live in `assets/<world>/latents/`: `images.safetensors` + `images.json`, and per SAE
 `<variant>--<block>.safetensors` + `.json`. Made by `python -m saemnesia index-latents`, resumable shard by
@@ -57,11 +57,12 @@ class LatentIndex:
     top_images: Tensor
     """[L, M] collection image ids, best first; -1 where the latent fired on fewer than M images."""
     top_activations: Tensor
-    """[L, M] the largest activation on each image (over its tokens and steps)."""
+    """[L, M] each image's score: the latent's largest activation over the image's tokens, averaged over the
+    sampling steps."""
     top_steps: Tensor
-    """[L, M] the sampler step of that activation."""
+    """[L, M] the sampler step where that largest activation peaks."""
     top_maps: Tensor
-    """[L, M, h*w] float16: the latent's activation on every token of the image at that step."""
+    """[L, M, h*w] float16: the latent's activation on every token of the image, averaged over the steps."""
     fire_counts: Tensor
     """[L] tokens (over every image and step) where the latent is among the top k and above zero."""
     activation_sums: Tensor
@@ -306,7 +307,8 @@ class _Accumulator:
         ).view_as(self.histogram)
         self.tokens += len(flat)
 
-        # Each latent's largest activation on each (image, step), then on each image.
+        # Each latent's largest activation over each image's tokens at each step; an image's score is its mean over
+        # the steps, so the top images are those it fires on all along the trajectory, not only in the first steps.
         row_of_token = torch.arange(rows).repeat_interleave(per_image * acts.shape[-1]).view_as(acts)
         per_row = torch.zeros(rows * num_latents).scatter_reduce(
             0, (row_of_token * num_latents + indices).flatten(), acts.flatten(), "amax"
@@ -314,22 +316,23 @@ class _Accumulator:
         images, image_rows = torch.unique_consecutive(labels[:, IMAGE], return_counts=True)
         steps = int(image_rows[0])
         per_step = per_row.view(len(images), steps, num_latents)
-        best, best_step = per_step.max(1)  # [images, L]
-        candidates = torch.cat([self.top_activations, best.t()], 1)  # [L, M + images]
+        score, peak_step = per_step.mean(1), per_step.argmax(1)  # [images, L]
+        candidates = torch.cat([self.top_activations, score.t()], 1)  # [L, M + images]
         values, order = candidates.topk(top, dim=1)
         from_shard = order >= top
         image_position = (order - top).clamp_min(0)
         new_images = images[image_position]
-        new_steps = best_step.t().gather(1, image_position)
-        # Token maps of the entries that came from this shard, a latent at a time in vectorised chunks.
+        new_steps = peak_step.t().gather(1, image_position)
+        # The token maps, averaged over the steps, of the entries from this shard, in vectorised chunks.
         latent_ids = torch.arange(num_latents).unsqueeze(1).expand(-1, top)[from_shard]
-        maps_rows = (image_position * steps + new_steps)[from_shard]
+        image_rows = image_position[from_shard].unsqueeze(1) * steps + torch.arange(steps)  # [entries, steps]
         token_acts, token_indices = acts.view(rows, per_image, -1), indices.view(rows, per_image, -1)
         new_maps = torch.empty(len(latent_ids), per_image)
-        for start in range(0, len(latent_ids), 1024):
-            part = slice(start, start + 1024)
-            hits = token_indices[maps_rows[part]] == latent_ids[part, None, None]
-            new_maps[part] = (token_acts[maps_rows[part]] * hits).sum(-1)
+        chunk = max(1, 2**22 // (steps * per_image * acts.shape[-1]))
+        for start in range(0, len(latent_ids), chunk):
+            part = slice(start, start + chunk)
+            hits = token_indices[image_rows[part]] == latent_ids[part, None, None, None]
+            new_maps[part] = (token_acts[image_rows[part]] * hits).sum(-1).mean(1)
         kept_maps = self.top_maps.gather(1, order.clamp_max(top - 1).unsqueeze(-1).expand(-1, -1, per_image))
         kept_maps[from_shard] = new_maps.half()
         self.top_maps = kept_maps

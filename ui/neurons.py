@@ -25,7 +25,8 @@ def explorer(studio: Studio, last_run: gr.State) -> None:
     gr.Markdown(
         "### Explore a latent\nBy number, or by a concept's name (SAEmnesia: the neuron the concept is bound to; "
         "SAeUron: its best-scoring latent). Its top images come from the latent index (`python -m saemnesia "
-        "index-latents`), each with the latent's activation painted over it at the step it fired most."
+        "index-latents`): those it fires on most all along the sampling, each with the latent's activation painted "
+        "over it, averaged over the steps."
     )
     with gr.Row():
         query = gr.Textbox(value=default_concept(world), label="Concept or latent number", scale=2)
@@ -54,11 +55,11 @@ def explorer(studio: Studio, last_run: gr.State) -> None:
                 print_exception=False,
             )
         shown = latent_page(bundle.index, studio.images, latent)
-        scale = max(shown.max_activation, 1e-6)
+        scale = max([float(image.activation_map.max()) for image in shown.images] + [1e-6])  # one scale, all shown
         gallery = [
             (
                 overlay(image.thumbnail, image.activation_map, scale, 0.55, THUMBNAIL),
-                f"{image.prompt} · seed {image.seed} · step {image.step} · {image.activation:.2f}",
+                f"{image.prompt} · seed {image.seed} · {image.activation:.2f}, peak at step {image.step}",
             )
             for image in shown.images
         ]
