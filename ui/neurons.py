@@ -33,7 +33,7 @@ def explorer(studio: Studio, last_run: gr.State) -> None:
         kind = gr.Radio(["object", "style"], value="object", label="Block (for a number)")
         method = gr.Radio(SAE_CHOICES, value="saemnesia", label="SAE")
         show = gr.Button("Show latent", variant="primary")
-    info = gr.Markdown()
+    info = gr.Markdown(elem_id="latent-info")
     top_images = gr.Gallery(label="Top activating images", columns=4, height="auto", elem_classes=PIXELS)
     with gr.Row():
         histogram = gr.BarPlot(x="activation from", y="tokens", height=240, label="Activation density (log bins)")
