@@ -89,10 +89,15 @@ def stripes(image: Tensor, generator: torch.Generator) -> Tensor:
     return (image + amplitude * (2 * on - 1)).clamp(0, 1)
 
 
+def _scale(height: int) -> int:
+    """Shapes are drawn for a 32-pixel image and grow with the image, as MiniCanvas's drawings do."""
+    return max(1, height // 32)
+
+
 def patch_shuffle(image: Tensor, generator: torch.Generator) -> Tensor:
-    """The image's 4 x 4 or 8 x 8 patches in a random order."""
+    """The image's 4 x 4 or 8 x 8 patches (of a 32-pixel image; larger in proportion) in a random order."""
     channels, height, width = image.shape
-    size = (4, 8)[_integer(generator, 0, 1)]
+    size = (4, 8)[_integer(generator, 0, 1)] * _scale(height)
     rows, columns = height // size, width // size
     patches = (
         image.reshape(channels, rows, size, columns, size).permute(1, 3, 0, 2, 4).reshape(-1, channels, size, size)
@@ -109,7 +114,7 @@ def colour_blobs(image: Tensor, generator: torch.Generator) -> Tensor:
     count = _integer(generator, 3, 8)
     for colour in _saturated_colours(count, generator):
         centre_y, centre_x = _uniform(generator, 0, height), _uniform(generator, 0, width)
-        radius_y, radius_x = _uniform(generator, 2.5, 9), _uniform(generator, 2.5, 9)
+        radius_y, radius_x = (_uniform(generator, 2.5, 9) * _scale(height) for _ in range(2))
         distance = (((y - centre_y) / radius_y) ** 2 + ((x - centre_x) / radius_x) ** 2).sqrt()
         mask = torch.sigmoid((1 - distance) * _uniform(generator, 3, 10))
         fill = colour[:, None, None].expand_as(image)
@@ -129,7 +134,7 @@ def smear(image: Tensor, generator: torch.Generator) -> Tensor:
     grid = torch.stack([x, y], dim=-1)[None] + offsets
     out = F.grid_sample(image[None], grid, mode="bilinear", padding_mode="reflection", align_corners=True)[0]
     step_y, step_x = ((0, 1), (1, 0), (1, 1), (1, -1))[_integer(generator, 0, 3)]
-    length = _integer(generator, 3, 7)
+    length = _integer(generator, 3, 7) * _scale(height)
     out = torch.stack([out.roll((k * step_y, k * step_x), dims=(1, 2)) for k in range(length)]).mean(0)
     grey = out.mean(0, keepdim=True)
     return (grey + (out - grey) * _uniform(generator, 1.5, 3)).clamp(0, 1)
