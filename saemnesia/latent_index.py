@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from saemnesia.concepts import ConceptDictionary, ConceptStats
 from saemnesia.sae import Sae
 from saemnesia.train.activations import IMAGE, Activations, write_json
+from saemnesia.worlds import portable_name
 
 TOP_IMAGES = 8
 """Images kept per latent."""
@@ -450,7 +451,7 @@ def index_latents(
             about={
                 "collection_images": activations.num_images,
                 "steps": activations.settings["steps"],
-                "model": activations.settings["model"],
+                "model": portable_name(activations.settings["model"]),
             },
         )
         index.save(out)

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from saemnesia.minicanvas.classifier import EVAL_SEED_OFFSET, augment, images_to_tensor
 from saemnesia.minicanvas.corruptions import CORRUPTIONS, corrupt
 from saemnesia.minicanvas.data import CANVAS_32, Canvas
+from saemnesia.worlds import portable_name
 
 if TYPE_CHECKING:
     from saemnesia.studio import Studio
@@ -433,7 +434,8 @@ def train_artifact_detector(
     metrics.update(
         {
             "command": (
-                f"python -m saemnesia train-artifact-detector --world {canvas.name} --out {out} --steps {steps} "
+                f"python -m saemnesia train-artifact-detector --world {canvas.name} --out {portable_name(str(out))} "
+                f"--steps {steps} "
                 f"--batch-size {batch_size} "
                 f"--seed {seed} --learning-rate {learning_rate} --eval-images {eval_images} --drawings {drawings} "
                 f"--generated-seeds {generated_seeds if studio is not None else 0} "

@@ -389,8 +389,8 @@ def train_classifier(
         "objects": list(objects),
         "train_seeds": f"below {EVAL_SEED_OFFSET}",
         "command": (
-            f"python -m saemnesia train-classifier --world {canvas.name} --out {out} --steps {steps} "
-            f"--batch-size {batch_size} "
+            f"python -m saemnesia train-classifier --world {canvas.name} --out {portable_name(str(out))} "
+            f"--steps {steps} --batch-size {batch_size} "
             f"--seed {seed} --learning-rate {learning_rate} --eval-images {eval_images}"
             + (f" --no-object-share {no_object_share}" if no_object_share else "")
         ),
