@@ -170,9 +170,15 @@ class ImageTable:
 
     @classmethod
     def load(cls, folder: Path) -> ImageTable:
-        tensors = load_file(folder / f"{IMAGES_FILE}.safetensors")
-        meta = json.loads((folder / f"{IMAGES_FILE}.json").read_text())
-        return cls(tensors["ids"], tensors["thumbnails"], meta["prompts"], meta["seeds"])
+        try:
+            tensors = load_file(folder / f"{IMAGES_FILE}.safetensors")
+            meta = json.loads((folder / f"{IMAGES_FILE}.json").read_text())
+            return cls(tensors["ids"], tensors["thumbnails"], meta["prompts"], meta["seeds"])
+        except (SafetensorError, OSError, KeyError, TypeError, json.JSONDecodeError) as error:
+            raise ValueError(
+                f"'{folder}' holds no readable image table of a latent index ({error!r}): make it again with "
+                "`python -m saemnesia index-latents`."
+            ) from error
 
 
 class PageImage(NamedTuple):

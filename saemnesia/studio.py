@@ -145,6 +145,12 @@ class Studio:
                 variant = VARIANT_OF_METHOD[method]
                 if (indexes / f"{index_name(variant, bundle.block)}.json").is_file():
                     bundle.index = LatentIndex.load(indexes, variant, bundle.block)
+                    if bundle.index.num_latents != bundle.sae.num_latents:
+                        raise ValueError(
+                            f"The latent index of the {variant} SAE on {bundle.block} in '{indexes}' has "
+                            f"{bundle.index.num_latents} latents but the SAE {bundle.sae.num_latents}: it was made "
+                            "for another SAE; make it again with `python -m saemnesia index-latents`."
+                        )
         return cls(world, pipeline, bundles, extra_bundles, images)
 
     def check_prompt(self, prompt: object) -> tuple[str, str | None]:

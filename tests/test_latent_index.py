@@ -141,3 +141,14 @@ def test_cli_prints_a_latents_page_and_refuses_what_it_cannot_show(tmp_path, mon
     with pytest.raises(SystemExit):
         cli.main(["index-latents", "--activations", str(tmp_path / "nowhere")])
     assert "No activations in" in capsys.readouterr().err
+
+
+def test_a_corrupt_or_foreign_index_is_refused_with_the_fix(activations, sae_and_stats, tmp_path):
+    sae, stats, dictionary = sae_and_stats
+    index_latents(activations, [("supervised", BLOCK, sae, stats, dictionary)], tmp_path, top=2, progress=False)
+    (tmp_path / f"supervised--{BLOCK}.safetensors").write_bytes(b"not a tensor file")
+    with pytest.raises(ValueError, match="not a readable latent index.*index-latents"):
+        LatentIndex.load(tmp_path, "supervised", BLOCK)
+    (tmp_path / "images.json").write_text("{")
+    with pytest.raises(ValueError, match="no readable image table.*index-latents"):
+        ImageTable.load(tmp_path)

@@ -39,10 +39,11 @@ from saemnesia.concepts import ConceptStats, build_dictionary
 from saemnesia.evaluate import fingerprint
 from saemnesia.generate import model_lock, sampler_timesteps
 from saemnesia.hooks import get_block
+from saemnesia.latent_index import ImageTable, LatentIndex
 from saemnesia.loadtest import free_port, load_test
 from saemnesia.minicanvas.classifier import ClassifierConfig, MiniCanvasClassifier, load_classifier
 from saemnesia.sae import Sae, load_sae
-from saemnesia.studio import DICTIONARY_FILE, STATS_FILE, Studio
+from saemnesia.studio import DICTIONARY_FILE, LATENTS_FOLDER, STATS_FILE, Studio
 from saemnesia.worlds import MINICANVAS, World, load_pipeline
 
 GOOD = {
@@ -129,7 +130,24 @@ def files(tmp_path_factory) -> Path:
     write_assets(root / "assets", BLOCK, make_tiny_sae(), timesteps)
     write_assets(root / "assets-narrow-sae", BLOCK, make_tiny_sae(d_in=16), timesteps)
     write_assets(root / "assets-missing-block", MISSING_BLOCK, make_tiny_sae(), timesteps)
+    write_assets(root / "assets-foreign-index", BLOCK, make_tiny_sae(), timesteps)
+    write_foreign_index(root / "assets-foreign-index" / LATENTS_FOLDER, latents=64)
     return root
+
+
+def write_foreign_index(folder: Path, latents: int) -> None:
+    """A latent index of an SAE with `latents` latents, and its (empty) image table."""
+
+    def zeros(*shape, dtype=torch.float32):
+        return torch.zeros(latents, *shape, dtype=dtype)
+
+    LatentIndex(
+        BLOCK, "supervised", (8, 8), zeros(1, dtype=torch.long) - 1, zeros(1), zeros(1, dtype=torch.long),
+        zeros(1, 64, dtype=torch.float16), zeros(dtype=torch.long), zeros(dtype=torch.float64), zeros(),
+        zeros(48, dtype=torch.long), zeros(1, dtype=torch.long), zeros(1),
+        [{"concept": "star", "score": 0.0, "bound": None}] * latents, 0, {},
+    ).save(folder)  # fmt: skip
+    ImageTable(torch.zeros(0, dtype=torch.long), torch.zeros(0, 16, 16, 3, dtype=torch.uint8), [], []).save(folder)
 
 
 def studio_with_sae(studio: Studio, sae: Sae, block: str = BLOCK) -> Studio:
@@ -384,6 +402,12 @@ LOADING_CASES = [
         "SAE narrower than its block / cli",
         lambda d: d.cli_generate(studio_with_sae(d.studio, make_tiny_sae(d_in=16))),
         "error: " + MISMATCH,
+    ),
+    (
+        "latent index of another SAE / library load",
+        lambda d: d.load(lambda: Studio.load(tiny_world(d.files / "model", d.files / "assets-foreign-index"), "cpu")),
+        r"has 64 latents but the SAE 256: it was made for another SAE; make it again with `python -m saemnesia "
+        r"index-latents`",
     ),
     (
         "hook point the UNet lacks / library load",
