@@ -314,7 +314,8 @@ class Studio:
 
     def resolve_latent(self, target: object, kind: str, method: str = "saemnesia") -> tuple[SaeBundle, int, str]:
         """A latent named by a concept (SAEmnesia: its dictionary latent; SAeUron: its best-scoring one) or by
-        its index, with its SAE and the concept it holds (for an index: the concept its score ties it to)."""
+        its index, with its SAE and the concept it holds (for an index: the concept the dictionary binds to it, else
+        the one its score ties it to)."""
         if isinstance(target, str) and target.strip().lstrip("-").isdigit():
             target = int(target)
         if isinstance(target, str):
@@ -327,7 +328,12 @@ class Studio:
         latents = bundle.sae.num_latents
         if isinstance(target, bool) or not isinstance(target, int) or not 0 <= target < latents:
             raise SettingsError(f"latent must be a concept name or an integer in [0, {latents - 1}], got {target!r}.")
-        concept = bundle.stats.concepts[int(bundle.stats.scores().mean(1)[:, target].argmax())]
+        bound = [
+            name
+            for name, latent in (bundle.dictionary.latents.items() if bundle.dictionary else ())
+            if latent == target
+        ]
+        concept = bound[0] if bound else bundle.stats.concepts[int(bundle.stats.scores().mean(1)[:, target].argmax())]
         return bundle, target, concept
 
     def check_mask(self, mask: object, kind: str) -> torch.Tensor:
