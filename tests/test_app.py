@@ -109,7 +109,12 @@ def test_paint_returns_the_pair_and_the_latents_heatmap_and_refuses_bad_masks(cl
     pair, panes, status = client.predict(
         "a circle in neon style", "star", "object", "saemnesia", 30, middle, 0, 1, 0, api_name="/paint"
     )
-    assert len(pair) == 2 and [pane["caption"].split(" ")[0] for pane in panes] == ["original", "painted", "latent"]
+    assert len(pair) == 2 and [pane["caption"].split(" ")[0] for pane in panes] == [
+        "original",
+        "painted",
+        "latent",
+        "mask",
+    ]
     assert f"on {middle.count('1')} tokens" in status
     for mask, message in (
         ("0110", f"mask must be a {height} x {width} grid"),

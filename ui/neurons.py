@@ -51,7 +51,8 @@ def explorer(studio: Studio, last_run: gr.State) -> None:
             raise gr.Error(str(error), print_exception=False) from None
         if bundle.index is None or studio.images is None:
             raise gr.Error(
-                f"No latent index for {method}'s {kind} SAE: make one with `python -m saemnesia index-latents`.",
+                f"No latent index for {method}'s SAE on {bundle.block}: make one with `python -m saemnesia "
+                "index-latents`.",
                 print_exception=False,
             )
         shown = latent_page(bundle.index, studio.images, latent)

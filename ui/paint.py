@@ -121,8 +121,8 @@ def paint_tab(studio: Studio, classifier) -> None:
         with gr.Column(scale=3):
             slider = gr.ImageSlider(label="Original / painted (drag)", max_height=DISPLAY, elem_classes=PIXELS)
             panes = gr.Gallery(
-                label="Original, painted, and the painted latent's activation after (the mask outlined)",
-                columns=3,
+                label="Original, painted, the painted latent's activation after painting, and the mask",
+                columns=4,
                 height="auto",
                 elem_classes=PIXELS,
             )
@@ -153,11 +153,11 @@ def paint_tab(studio: Studio, classifier) -> None:
         latent, last = painted["latent"], len(trace.timesteps) - 1
         after = trace.latent_map(latent, last, 1)
         scale = max(float(trace.latent_map(latent, last, 0).max()), float(after.max()), 1e-6)
-        heat = mask_overlay(
-            overlay(result.erased[0], after, scale, 0.6, DISPLAY), trace.edit_mask(painted["steps"][0], 1)
-        )
         gallery = captioned(classifier, {"original": result.originals[0], "painted": result.erased[0]})
-        gallery.append((heat, f"latent {latent} after painting, last step (scale 0 – {scale:.2f})"))
+        gallery.append(
+            (overlay(result.erased[0], after, scale, 0.6, DISPLAY), f"latent {latent} after painting, last step")
+        )
+        gallery.append((mask_overlay(result.erased[0], trace.edit_mask(painted["steps"][0], 1), DISPLAY), "mask"))
         text = (
             f"Latent **{latent}** at `{painted['block']}` on {painted['tokens']} tokens, steps "
             f"{painted['steps'][0]} – {painted['steps'][1]} · 2 images in {elapsed:.1f} s · seed {int(seed)}"
