@@ -41,6 +41,7 @@ from saemnesia.evaluate import (
     grid_prompts,
     planned_images,
     result_paths,
+    result_set_label,
     result_sets,
     results_table,
     search_grid,
@@ -48,6 +49,7 @@ from saemnesia.evaluate import (
     write_results,
 )
 from saemnesia.evaluate import cache as cache_module
+from saemnesia.evaluate.protocol import make_plan
 from saemnesia.generate import sampler_timesteps
 from saemnesia.minicanvas import classifier as classifier_module
 from saemnesia.minicanvas.artifacts import ArtifactDetector, ArtifactDetectorConfig
@@ -631,6 +633,28 @@ def test_evaluate_command_reports_on_other_seeds_or_tie_rule_under_its_own_name(
     assert exit_info.value.code == 2 and "seeds must differ" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="--heldout-from must be a seed >= 0, got -1"):
         cli.main(["evaluate", "--heldout-from", "-1", "--out", str(tmp_path), "--classifier", "x"])
+
+
+def test_evaluate_command_reports_on_held_out_templates_under_its_own_name(monkeypatch, tmp_path):
+    seen = protocols_evaluated(monkeypatch)
+    with pytest.raises(SystemExit, match="World 'minicanvas' has no held-out templates"):
+        cli.main(["evaluate", "--quick", "--held-out-templates", "--out", str(tmp_path), "--classifier", "x"])
+    cli.main(
+        ["evaluate", "--quick", "--world", "minicanvas-64", "--held-out-templates", "--out", str(tmp_path)]
+        + ["--classifier", "x"]
+    )
+    assert seen[0].name == "quick-held-out-templates"
+    assert seen[0].grid_templates == MINICANVAS_64.canvas.held_out_templates
+    world = dataclasses.replace(MINICANVAS_64, assets=None)
+    cells = make_plan(world, seen[0]).grid
+    assert {spec.text for spec in cells} >= {
+        "a circle image in sunset style.",
+        "a painting of a circle with ocean style",
+    }
+    assert not any(spec.style and spec.text == world.prompt(spec.object, spec.style) for spec in cells)
+    assert result_set_label("quick-held-out-templates") == (
+        "quick-held-out-templates: reported on prompts in templates the model never saw"
+    )
 
 
 def test_evaluate_command_erases_at_extra_blocks_under_its_own_name(monkeypatch, tmp_path):

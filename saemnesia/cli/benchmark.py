@@ -41,6 +41,15 @@ def _evaluate(args: argparse.Namespace) -> None:
             heldout_seeds=tuple(seed + offset for seed in protocol.heldout_seeds),
             sequential_seeds=tuple(seed + offset for seed in protocol.sequential_seeds),
         )
+    if args.held_out_templates:
+        from saemnesia.worlds import WORLDS
+
+        canvas = WORLDS[args.world].canvas
+        if canvas is None or not canvas.held_out_templates:
+            raise SystemExit(f"World '{args.world}' has no held-out templates: only a MiniCanvas world with some has.")
+        protocol = dataclasses.replace(
+            protocol, name=f"{protocol.name}-held-out-templates", grid_templates=canvas.held_out_templates
+        )
     if args.ties != protocol.ties:
         protocol = dataclasses.replace(protocol, name=f"{protocol.name}-ties-to-{args.ties}", ties=args.ties)
     if args.extra_object_block:
@@ -287,6 +296,11 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "--heldout-from",
         type=int,
         help="report on held-out (and sequential) seeds from this one (default 60000): a check on seeds never seen",
+    )
+    evaluate.add_argument(
+        "--held-out-templates",
+        action="store_true",
+        help="report on the grid written with the world's held-out templates, which its model never saw in training",
     )
     evaluate.add_argument(
         "--ties",

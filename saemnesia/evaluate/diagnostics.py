@@ -206,6 +206,7 @@ def edit_coverage(
         protocol.get("grid_objects"),
         protocol.get("grid_styles"),
         protocol.get("plain_template", PLAIN_TEMPLATE),
+        protocol.get("grid_templates"),
     )
     for concept, entry in results["methods"][method]["concepts"].items():
         if entry["kind"] != kind:

@@ -59,6 +59,9 @@ class Protocol:
     plain_template: str | None = PLAIN_TEMPLATE
     """The prompt of the grid's unstyled row, one prompt an object (None: no unstyled row, for a world whose
     prompts have no unstyled form; CRA of erased styles is then undefined)."""
+    grid_templates: tuple[str, ...] | None = None
+    """The held-out grid's templates (None: the world's, those its model was trained on). MiniCanvas's held-out
+    templates, which its model never saw, ask whether an erasure holds on prompts written otherwise."""
     object_strengths: tuple[float, ...] = OBJECT_STRENGTHS
     style_strengths: tuple[float, ...] = STYLE_STRENGTHS
     saeuron_features: tuple[int, ...] = SAEURON_FEATURES
@@ -158,7 +161,11 @@ def balanced_prompts(world: World, rows: Sequence[str], count: int) -> list[Prom
 
 
 def grid_prompts(
-    world: World, objects: int | None = None, styles: int | None = None, plain_template: str | None = PLAIN_TEMPLATE
+    world: World,
+    objects: int | None = None,
+    styles: int | None = None,
+    plain_template: str | None = PLAIN_TEMPLATE,
+    templates: Sequence[str] | None = None,
 ) -> list[PromptSpec]:
     """Every cell of the grid of the world's first `objects` x first `styles` (None: all) once, then its unstyled
     row (`plain_template`, one prompt an object; none without a template).
@@ -166,8 +173,9 @@ def grid_prompts(
     The authors' scripts count every cell of UnlearnCanvas's grid; ours draws each cell's template from the
     world's training templates, turning one a step along both rows and columns, so every object and every
     style meets each template (where it has as many cells) and a sub-grid's cells are the full grid's.
+    `templates` replaces the world's.
     """
-    templates = world.templates
+    templates = templates or world.templates
     cells = [
         PromptSpec(world.prompt(object_name, style, templates[(row + column) % len(templates)]), object_name, style)
         for row, object_name in enumerate(world.objects[:objects])
@@ -205,7 +213,9 @@ def erasure_prompts(world: World, concept: str, concept_count: int, other_count:
 def make_plan(world: World, protocol: Protocol) -> Plan:
     objects = list(world.objects[: protocol.objects_erased])
     styles = list(world.styles[: protocol.styles_erased])
-    grid = grid_prompts(world, protocol.grid_objects, protocol.grid_styles, protocol.plain_template)
+    grid = grid_prompts(
+        world, protocol.grid_objects, protocol.grid_styles, protocol.plain_template, protocol.grid_templates
+    )
     outside = [concept for concept in objects + styles if not any(concept in (s.object, s.style) for s in grid)]
     if outside:
         raise ValueError(f"The held-out grid must hold every erased concept: {outside} lie outside it.")

@@ -68,6 +68,7 @@ VARIANTS = (
     (r"tuned-on-(\d+)-seeds", lambda match, protocol: f"tuned on {match[1]} seeds"),
     (r"from-step-(\d+)", lambda match, protocol: f"edits from step {match[1]} on"),
     (r"heldout-from-(\d+)", lambda match, protocol: _heldout_words(match[1], protocol)),
+    (r"held-out-templates", lambda match, protocol: "reported on prompts in templates the model never saw"),
     (r"ties-to-(\w+)", lambda match, protocol: f"ties go to the {match[1]}"),
     (
         r"plus-(.+?)(?=-(?:steer|replace|no-object-class)(?:-|$)|$)",
