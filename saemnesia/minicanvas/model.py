@@ -44,8 +44,9 @@ TEXT_WIDTH = 128
 
 @dataclass(frozen=True)
 class Design:
-    """A MiniCanvas model's shape: the canvas it draws and its UNet's levels. Latents are the image's 2 x 2 pixel
-    blocks (`PixelUnshuffleAutoencoder`), so the UNet works at half the image's size."""
+    """A MiniCanvas model's shape: the canvas it draws and its UNet's levels. Latents are the image's pixel blocks
+    of `latent_factor` a side (`PixelUnshuffleAutoencoder`; 2 in both shipped designs, so the UNet works at half
+    the image's size)."""
 
     canvas: Canvas
     block_out_channels: tuple[int, ...]
