@@ -571,27 +571,19 @@ def test_a_later_start_step_reaches_every_edit_and_keeps_its_verdicts_apart(quic
 
 
 def test_evaluate_command_writes_results_from_a_warm_cache(quick_run, monkeypatch, tmp_path, capsys):
+    """With no --out and no --cache, both follow the world: its results folder, and runs/<world>-eval-cache.jsonl."""
     _, _, folder, first = quick_run
-    monkeypatch.setattr(cli, "_load_studio", lambda args: tiny_studio())
+    studio = tiny_studio()
+    studio.world = dataclasses.replace(studio.world, assets=tmp_path / "world")
+    monkeypatch.setattr(cli, "_load_studio", lambda args: studio)
     monkeypatch.setattr(classifier_module, "load_classifier", lambda folder, device: tiny_classifier())
     monkeypatch.setattr(ArtifactDetector, "load", lambda folder, device: tiny_artifact_detector())
     monkeypatch.setattr(Studio, "generate", lambda *args, **kwargs: pytest.fail("nothing to generate"))
-    cache = str(folder / "cache.jsonl")
-    cli.main(
-        [
-            "evaluate",
-            "--quick",
-            "--out",
-            str(tmp_path),
-            "--cache",
-            cache,
-            "--classifier",
-            "x",
-            "--artifact-detector",
-            "y",
-        ]
-    )
-    written = json.loads(result_paths(tmp_path, "quick")["json"].read_text())
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    shutil.copy(folder / "cache.jsonl", tmp_path / "runs" / f"{studio.world.name}-eval-cache.jsonl")
+    cli.main(["evaluate", "--quick", "--classifier", "x", "--artifact-detector", "y"])
+    written = json.loads(result_paths(tmp_path / "world" / "results", "quick")["json"].read_text())
     assert written["settings"]["fingerprint"] == first["settings"]["fingerprint"]
     assert written["methods"] == json.loads(json.dumps(first["methods"]))
     assert "| SAEmnesia | objects |" in capsys.readouterr().out
@@ -714,12 +706,7 @@ def test_edit_coverage_command_takes_the_tuned_settings_of_a_given_result_set(mo
 
 def test_evaluate_command_defaults():
     args = build_parser().parse_args(["evaluate", "--quick"])
-    assert (args.world, args.quick, args.out, args.cache) == (
-        "minicanvas",
-        True,
-        "assets/minicanvas/results",
-        "runs/eval-cache.jsonl",
-    )
+    assert (args.world, args.quick, args.out, args.cache) == ("minicanvas", True, None, None)
 
 
 def test_ablate_blocks_removes_the_prompt_at_one_block_and_leaves_the_model_clean(monkeypatch):

@@ -63,10 +63,19 @@ def _evaluate(args: argparse.Namespace) -> None:
     if NO_OBJECT in classifier.config.objects:  # another instrument: its results sit beside the standard ones
         protocol = dataclasses.replace(protocol, name=f"{protocol.name}-no-object-class")
     detector = None if args.no_artifacts else _artifact_detector(args, studio)
-    results = evaluate(studio, classifier, protocol, cache=Path(args.cache), artifact_detector=detector)
-    paths = write_results(results, Path(args.out))
+    cache = Path(args.cache or f"runs/{studio.world.name}-eval-cache.jsonl")
+    results = evaluate(studio, classifier, protocol, cache=cache, artifact_detector=detector)
+    paths = write_results(results, _out(args, studio))
     print(results_table(results))
     print("\n".join(f"{name}: {path}" for name, path in paths.items()))
+
+
+def _out(args: argparse.Namespace, studio, file: str | None = None) -> Path:
+    """`--out`, else the world's results folder (or `file` in it): each world's results beside its assets."""
+    if args.out:
+        return Path(args.out)
+    folder = studio.world.assets / "results"
+    return folder / file if file else folder
 
 
 def _artifact_detector(args: argparse.Namespace, studio):
@@ -109,7 +118,7 @@ def _drift(args: argparse.Namespace) -> None:
 
     _check_evaluation_file(args)
     studio = load_studio(args)
-    out = Path(args.out)
+    out = _out(args, studio)
     drift = activation_drift(
         studio,
         _evaluation_results(args, studio),
@@ -134,7 +143,7 @@ def _artifact_rates(args: argparse.Namespace) -> None:
     if detector is None:
         raise SystemExit("artifact-rates needs an artifact detector: train one (`train-artifact-detector`).")
     rates = heldout_artifact_rates(studio, detector, _evaluation_results(args, studio), args.interventions, args.kind)
-    out = Path(args.out)
+    out = _out(args, studio, "artifact-rates.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rates, indent=1) + "\n")
     print(json.dumps(rates, indent=1))
@@ -152,7 +161,7 @@ def _compare_replacements(args: argparse.Namespace) -> None:
     rules = {name: RULES[name] for name in args.rules} if args.rules else RULES
     detector = None if args.no_artifacts else _artifact_detector(args, studio)
     comparison = compare_replace_rules(studio, classifier, rules, args.method, args.kind, artifact_detector=detector)
-    paths = write_comparison(comparison, Path(args.out))
+    paths = write_comparison(comparison, _out(args, studio))
     print(rules_table(comparison))
     print("\n".join(f"{name}: {path}" for name, path in paths.items()))
 
@@ -174,7 +183,7 @@ def _paint_benchmark(args: argparse.Namespace) -> None:
     report = measure_paint(
         studio, classifier, detector, objects, args.prompts, strengths, progress=lambda text: logging.info(text)
     )
-    out = Path(args.out or studio.world.assets / "results" / "paint.json")
+    out = _out(args, studio, "paint.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps(report["mean"], indent=1))
@@ -216,6 +225,7 @@ def _attack(args: argparse.Namespace) -> None:
     studio = load_studio(args)
     classifier = load_classifier(args.classifier or studio.world.assets / "classifier", device=studio.pipeline.device)
     evaluation = _evaluation_results(args, studio)
+    out = _out(args, studio, "attack.json")
     results = run_attacks(
         studio,
         classifier,
@@ -229,10 +239,10 @@ def _attack(args: argparse.Namespace) -> None:
         candidates=args.candidates,
         seeds=args.seeds,
         seed=args.seed,
-        out=Path(args.out),
+        out=out,
     )
     print(attack_table(results))
-    print(f"json: {args.out}")
+    print(f"json: {out}")
 
 
 def _bench(args: argparse.Namespace) -> None:
@@ -286,8 +296,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "--quick", action="store_true", help="3 objects and 2 styles, on their 3 x 2 grid, fewer prompts: a few minutes"
     )
     evaluate.add_argument("--protocol", choices=["full", "standard", "quick"], default="full")
-    evaluate.add_argument("--out", default="assets/minicanvas/results", help="folder for the JSON, table and plots")
-    evaluate.add_argument("--cache", default="runs/eval-cache.jsonl", help="verdicts of images made so far")
+    evaluate.add_argument("--out", help="folder for the JSON, table and plots (default: the world's results)")
+    evaluate.add_argument("--cache", help="verdicts of images made so far (default: runs/<world>-eval-cache.jsonl)")
     evaluate.add_argument("--start-step", type=int, default=0, help="both methods edit from this step on (default 0)")
     evaluate.add_argument(
         "--tuning-seeds", type=int, help="search strengths on this many seeds from 50000 (default: the protocol's 1)"
@@ -334,7 +344,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     drift.add_argument("--seeds", type=int, nargs="+", default=[60_000])
     drift.add_argument("--prompts", type=int, default=10, help="prompts naming each erased concept")
     _add_evaluation_argument(drift)
-    drift.add_argument("--out", default="assets/minicanvas/results", help="folder for drift.json, drift.md, drift.png")
+    drift.add_argument("--out", help="folder for drift.json, drift.md, drift.png (default: the world's results)")
     drift.set_defaults(run=_drift)
 
     rates = commands.add_parser(
@@ -345,7 +355,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     rates.add_argument("--interventions", nargs="+", choices=["steer", "replace"], default=["steer"])
     rates.add_argument("--artifact-detector", help="detector folder (default: the world's artifact-detector)")
     _add_evaluation_argument(rates)
-    rates.add_argument("--out", default="assets/minicanvas/results/artifact-rates.json")
+    rates.add_argument("--out", help="default: the world's results/artifact-rates.json")
     rates.set_defaults(run=_artifact_rates)
 
     rules = commands.add_parser(
@@ -357,7 +367,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     rules.add_argument("--rules", nargs="+", metavar="NAME", help="default: every rule of `replace_rules.RULES`")
     rules.add_argument("--artifact-detector", help="detector folder for AR (default: the world's artifact-detector)")
     rules.add_argument("--no-artifacts", action="store_true", help="judge no image for artifacts (no AR)")
-    rules.add_argument("--out", default="assets/minicanvas/results", help="folder for replace-rules.json and .md")
+    rules.add_argument("--out", help="folder for replace-rules.json and .md (default: the world's results)")
     rules.set_defaults(run=_compare_replacements)
 
     paint = commands.add_parser(
@@ -402,5 +412,5 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     _add_evaluation_argument(attack)
     attack.add_argument("--strength", type=float, default=-10.0, help="for concepts without a tuned strength")
     attack.add_argument("--features-per-step", type=int, default=1, help="SAeUron, without a tuned setting")
-    attack.add_argument("--out", default="assets/minicanvas/results/attack.json", help="the JSON; attack.md beside")
+    attack.add_argument("--out", help="the JSON, attack.md beside (default: the world's results/attack.json)")
     attack.set_defaults(run=_attack)
