@@ -86,10 +86,11 @@ def fingerprint(
     artifact detector.
 
     Hashes the first and last tensor of every network (any training changes both) and all statistics;
-    with `method`, only that method's SAEs and statistics (none for `UNTOUCHED`).
+    with `method`, only that method's SAEs and statistics (none for `UNTOUCHED`). The world's name is left out,
+    so a world renamed with the same weights keeps its verdicts.
     """
     world = studio.world
-    digest = hashlib.sha256(json.dumps([world.name, world.steps, world.guidance, world.height, world.width]).encode())
+    digest = hashlib.sha256(json.dumps([world.steps, world.guidance, world.height, world.width]).encode())
     pipeline = studio.pipeline
     networks = [pipeline.unet, pipeline.text_encoder, pipeline.vae, classifier]
     networks += [] if artifact_detector is None else [artifact_detector]
