@@ -517,6 +517,28 @@ def test_rerun_takes_every_image_from_the_cache(quick_run, monkeypatch):
     assert again["search"] == first["search"] and again["chance"] == first["chance"]
 
 
+def test_parts_side_by_side_then_one_run_give_the_same_results(quick_run, tmp_path):
+    """Two parts share the concepts and the chance ceiling; the run after them makes only sequential erasure."""
+    studio, classifier, _, first = quick_run
+    cache, detector = tmp_path / "cache.jsonl", tiny_artifact_detector()
+    parts = [
+        evaluate(studio, classifier, QUICK, cache=cache, progress=False, artifact_detector=detector, part=(i, 2))
+        for i in (1, 2)
+    ]
+    concepts = make_plan(studio.world, QUICK).concepts
+    assert [part["concepts"] for part in parts] == [concepts[0::2], concepts[1::2]]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["cache.part-1-of-2.jsonl", "cache.part-2-of-2.jsonl"]
+    assert not make_plan(studio.world, QUICK, (2, 2)).chance and not make_plan(studio.world, QUICK, (1, 2)).sequential
+    after = evaluate(studio, classifier, QUICK, cache=cache, progress=False, artifact_detector=detector)
+    plan = make_plan(studio.world, QUICK)
+    sequential = len(plan.sequential) * len(QUICK.sequential_seeds) * len(plan.grid) * len(QUICK.pipelines)
+    # erasing the first object alone is its held-out image set, which a part already made
+    assert 0 < after["images"]["generated"] < sequential and after["images"]["planned"] == first["images"]["planned"]
+    assert after["methods"] == first["methods"] and after["chance"] == first["chance"]
+    with pytest.raises(ValueError, match="part must be I/N"):
+        make_plan(studio.world, QUICK, (3, 2))
+
+
 def test_a_retrained_saemnesia_sae_remakes_only_saemnesia_images(quick_run, monkeypatch, tmp_path):
     studio, classifier, folder, first = quick_run
     shutil.copy(folder / "cache.jsonl", tmp_path / "cache.jsonl")

@@ -4,6 +4,7 @@ edit coverage), the attack and the speed benchmark."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from pathlib import Path
 
@@ -64,10 +65,22 @@ def _evaluate(args: argparse.Namespace) -> None:
         protocol = dataclasses.replace(protocol, name=f"{protocol.name}-no-object-class")
     detector = None if args.no_artifacts else _artifact_detector(args, studio)
     cache = Path(args.cache or f"runs/{studio.world.name}-eval-cache.jsonl")
-    results = evaluate(studio, classifier, protocol, cache=cache, artifact_detector=detector)
+    results = evaluate(studio, classifier, protocol, cache=cache, artifact_detector=detector, part=args.part)
+    if args.part:
+        print(json.dumps(results, indent=1))
+        print("When every part is done, the same command without --part writes the results from their verdicts.")
+        return
     paths = write_results(results, _out(args, studio))
     print(results_table(results))
     print("\n".join(f"{name}: {path}" for name, path in paths.items()))
+
+
+def _part(text: str) -> tuple[int, int]:
+    """`--part I/N`, checked: N shares of the work, I from 1 to N."""
+    index, _, count = text.partition("/")
+    if not (index.isdigit() and count.isdigit() and 1 <= int(index) <= int(count)):
+        raise argparse.ArgumentTypeError(f"--part must be I/N with 1 <= I <= N (e.g. 1/2), got {text!r}")
+    return int(index), int(count)
 
 
 def _out(args: argparse.Namespace, studio, file: str | None = None) -> Path:
@@ -106,8 +119,6 @@ def _check_evaluation_file(args: argparse.Namespace) -> None:
 
 def _evaluation_results(args: argparse.Namespace, studio) -> dict | None:
     """The `evaluate` results whose tuned settings a command uses: `--evaluation`, else the world's benchmark."""
-    import json
-
     from saemnesia.evaluate import benchmark_results
 
     return json.loads(Path(args.evaluation).read_text()) if args.evaluation else benchmark_results(studio.world)
@@ -133,8 +144,6 @@ def _drift(args: argparse.Namespace) -> None:
 
 
 def _artifact_rates(args: argparse.Namespace) -> None:
-    import json
-
     from saemnesia.drift import heldout_artifact_rates
 
     _check_evaluation_file(args)
@@ -167,8 +176,6 @@ def _compare_replacements(args: argparse.Namespace) -> None:
 
 
 def _paint_benchmark(args: argparse.Namespace) -> None:
-    import json
-
     from saemnesia.evaluate import setting_or_default
     from saemnesia.evaluate.painting import measure_paint
     from saemnesia.minicanvas.classifier import load_classifier
@@ -191,8 +198,6 @@ def _paint_benchmark(args: argparse.Namespace) -> None:
 
 
 def _ablate_blocks(args: argparse.Namespace) -> None:
-    import json
-
     from saemnesia.evaluate import ablate_blocks
     from saemnesia.minicanvas.classifier import load_classifier
 
@@ -202,8 +207,6 @@ def _ablate_blocks(args: argparse.Namespace) -> None:
 
 
 def _edit_coverage(args: argparse.Namespace) -> None:
-    import json
-
     from saemnesia.evaluate import edit_coverage
     from saemnesia.minicanvas.classifier import load_classifier
 
@@ -246,8 +249,6 @@ def _attack(args: argparse.Namespace) -> None:
 
 
 def _bench(args: argparse.Namespace) -> None:
-    import json
-
     from saemnesia.bench import BenchOptions, format_report, run_bench
     from saemnesia.worlds import default_device
 
@@ -299,6 +300,13 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--out", help="folder for the JSON, table and plots (default: the world's results)")
     evaluate.add_argument("--cache", help="verdicts of images made so far (default: runs/<world>-eval-cache.jsonl)")
     evaluate.add_argument("--start-step", type=int, default=0, help="both methods edit from this step on (default 0)")
+    evaluate.add_argument(
+        "--part",
+        type=_part,
+        metavar="I/N",
+        help="make only the I-th of N shares of the images, into a file of its own beside the cache (run N at once,"
+        " one torch thread each, then once without --part for the results)",
+    )
     evaluate.add_argument(
         "--tuning-seeds", type=int, help="search strengths on this many seeds from 50000 (default: the protocol's 1)"
     )

@@ -108,6 +108,7 @@ def evaluate(
     cache: Path | None = None,
     progress: bool = True,
     artifact_detector: ArtifactDetector | None = None,
+    part: tuple[int, int] | None = None,
 ) -> dict:
     """Run the benchmark (strength search, held-out report, sequential erasure) and return the results JSON.
 
@@ -115,10 +116,13 @@ def evaluate(
     images there and makes only what is missing. With an `artifact_detector` every image is also judged
     for artifacts and each row gains AR. A `classifier` with a no-object label gives each erased object's
     rows `nothing_rate`. The chance ceiling ablates blocks with classifier-free guidance: guidance > 1.
+    With `part` (index, count) it makes only that share of the images (`make_plan`) into its own file beside
+    `cache` and returns what it did, not results: run it in as many processes as cores, then once without
+    `part`, which finds every part's verdicts and makes the rest.
     """
     began = time.time()
     world = studio.world
-    plan = make_plan(world, protocol)
+    plan = make_plan(world, protocol, part)
     _check_ready(studio, classifier, plan.concepts)
     if protocol.start_step >= world.steps:
         raise ValueError(
@@ -131,8 +135,9 @@ def evaluate(
         tags |= {method: f"{tags[method]}-from-step-{protocol.start_step}" for method in METHODS}
     tags[CHANCE] = tags[UNTOUCHED]
     logger.info("%d images planned (%s protocol)", plan.images, protocol.name)
-    bar = tqdm(total=plan.images, desc=f"evaluate ({protocol.name})", unit="image", disable=not progress)
-    judge = Judge(studio, classifier, VerdictCache(cache, tags), bar, protocol, artifact_detector)
+    name = protocol.name if part is None else f"{protocol.name}, part {part[0]} of {part[1]}"
+    bar = tqdm(total=plan.images, desc=f"evaluate ({name})", unit="image", disable=not progress)
+    judge = Judge(studio, classifier, VerdictCache(cache, tags, part), bar, protocol, artifact_detector)
     chance = _chance(judge, protocol, plan)
     untouched = {(j.seed, j.prompt): j for j in judge.images(None, (), plan.untouched_seeds, plan.grid)}
 
@@ -150,6 +155,16 @@ def evaluate(
                 judge, protocol, plan, untouched, method, intervention, concept, kinds[concept]
             )
             search_seconds[key] += judge.seconds - seconds_before
+    if part is not None:
+        bar.close()
+        return {
+            "world": world.name,
+            "protocol": protocol.name,
+            "part": list(part),
+            "concepts": plan.concepts,
+            "images": {"planned": plan.images, "generated": judge.generated, "from_cache": judge.from_cache},
+            "wall_time_s": round(time.time() - began, 2),
+        }
     for key in keys:
         methods[key]["summary"] = _summary(methods[key]["concepts"])
         methods[key]["sequential"] = _sequential(judge, protocol, plan, untouched, chosen[key])

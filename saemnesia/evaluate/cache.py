@@ -43,25 +43,29 @@ class VerdictCache:
     """The classifier's verdict on every generated image, one JSON line each, so reruns skip done work.
 
     `fingerprints` holds this run's fingerprint per method; only records carrying their method's count.
-    A line cut short by an interrupted write (or otherwise unreadable) is skipped.
+    A line cut short by an interrupted write (or otherwise unreadable) is skipped. It reads `path` and every
+    part's file beside it (`part_path`) and writes to `path`, or with `part` to that part's own file, so
+    processes that share the work never write to one file.
     """
 
-    def __init__(self, path: Path | None, fingerprints: dict[str, str]):
-        self.path, self.fingerprints = path, fingerprints
+    def __init__(self, path: Path | None, fingerprints: dict[str, str], part: tuple[int, int] | None = None):
+        self.path = path if path is None or part is None else part_path(path, part)
+        self.fingerprints = fingerprints
         self.records: dict[tuple, dict] = {}
-        if path is None or not path.is_file():
+        if path is None:
             return
-        text = path.read_text()
-        for line in text.splitlines():
-            try:
-                record = json.loads(line)
-                if record.get("fingerprint") == fingerprints.get(record["method"]):
-                    self.records[_record_key(record)] = record
-            except (json.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError):
-                continue
-        if text and not text.endswith("\n"):
-            with path.open("a") as handle:
-                handle.write("\n")
+        for source in [path, *sorted(path.parent.glob(f"{path.stem}.part-*{path.suffix}"))]:
+            text = source.read_text() if source.is_file() else ""
+            for line in text.splitlines():
+                try:
+                    record = json.loads(line)
+                    if record.get("fingerprint") == fingerprints.get(record["method"]):
+                        self.records[_record_key(record)] = record
+                except (json.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError):
+                    continue
+            if source == self.path and text and not text.endswith("\n"):
+                with source.open("a") as handle:
+                    handle.write("\n")
 
     def get(self, key: tuple) -> dict | None:
         return self.records.get(key)
@@ -74,6 +78,12 @@ class VerdictCache:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self.path.open("a") as handle:
                 handle.write("".join(json.dumps(record) + "\n" for record in records))
+
+
+def part_path(cache: Path, part: tuple[int, int]) -> Path:
+    """The file one part of a shared run writes its verdicts to, beside the cache every part reads."""
+    index, count = part
+    return cache.with_name(f"{cache.stem}.part-{index}-of-{count}{cache.suffix}")
 
 
 def fingerprint(

@@ -210,9 +210,18 @@ def erasure_prompts(world: World, concept: str, concept_count: int, other_count:
     return balanced_prompts(world, [concept], concept_count) + balanced_prompts(world, others, other_count)
 
 
-def make_plan(world: World, protocol: Protocol) -> Plan:
+def make_plan(world: World, protocol: Protocol, part: tuple[int, int] | None = None) -> Plan:
+    """The protocol's images; with `part` (index from 1, count) one share of the work that processes run side by
+    side: every count-th erased concept from the index-th, the chance ceiling in the first part only, and no
+    sequential erasure (it needs every concept's tuned setting: the run without `part` makes it)."""
     objects = list(world.objects[: protocol.objects_erased])
     styles = list(world.styles[: protocol.styles_erased])
+    if part is not None:
+        index, count = part
+        if not 1 <= index <= count:
+            raise ValueError(f"part must be I/N with 1 <= I <= N, got {index}/{count}.")
+        shared = (objects + styles)[index - 1 :: count]
+        objects, styles = [c for c in objects if c in shared], [c for c in styles if c in shared]
     grid = grid_prompts(
         world, protocol.grid_objects, protocol.grid_styles, protocol.plain_template, protocol.grid_templates
     )
@@ -223,10 +232,11 @@ def make_plan(world: World, protocol: Protocol) -> Plan:
         concept: erasure_prompts(world, concept, protocol.tuning_concept_prompts, protocol.tuning_other_prompts)
         for concept in objects + styles
     }
-    steps = min(protocol.sequential_steps, len(objects), len(world.objects) - 1)
+    steps = 0 if part else min(protocol.sequential_steps, len(objects), len(world.objects) - 1)
     sequential = [list(world.objects[:count]) for count in range(1, steps + 1)]
     untouched_seeds = list(dict.fromkeys((*protocol.heldout_seeds, *(protocol.sequential_seeds if sequential else ()))))
-    chance = [spec for spec in grid if spec.object in objects]
+    chance = [spec for spec in grid if spec.object in world.objects[: protocol.objects_erased]]
+    chance = [] if part and part[0] > 1 else chance
     images = len(protocol.tuning_seeds) * sum(
         len(specs) * trials_of(protocol, method, intervention, world.kind_of(concept))
         for concept, specs in tuning.items()
