@@ -215,7 +215,7 @@ def write_planted_collection(folder, objects: int = 3, styles: int = 3, repeats:
     return Activations.open(folder)
 
 
-@pytest.mark.parametrize("supervision", ["bce", "ce"])
+@pytest.mark.parametrize("supervision", ["bce", "bce-balanced", "ce"])
 def test_fine_tuning_binds_planted_concepts_to_their_dictionary_latents(tmp_path, supervision):
     planted = write_planted_collection(tmp_path)
     unsupervised = SaeTrainConfig(expansion_factor=4, k=8, batch_size=128, epochs=10, lr=3e-3, holdout=0.2)
@@ -296,6 +296,21 @@ def test_supervised_loss_combines_its_terms_with_the_paper_weights():
     assert torch.allclose(
         loss.supervision, torch.nn.functional.binary_cross_entropy_with_logits(logits, targets.float())
     )
+
+
+def test_balanced_bce_pulls_each_latent_up_on_its_images_as_hard_as_the_others_push_it_down():
+    """Positive terms weigh (concepts of the kind - 1): 1 for two objects, 2 for three styles."""
+    sae = make_tiny_sae()
+    tokens = torch.randn(6, 4, 32)
+    objects, styles = torch.tensor([0, 1, 0, 1, 0, 1]), torch.tensor([0, 0, 1, 1, 2, 2])
+    config = FinetuneConfig(supervision="bce-balanced")
+    loss = supervised_loss(sae, tokens, objects, styles, torch.tensor([3, 7]), torch.tensor([10, 11, 12]), config)
+    logits = sae.pre_activations(tokens.flatten(0, 1)).relu().view(6, 4, -1).mean(1)[:, [3, 7, 10, 11, 12]]
+    targets = torch.cat([torch.nn.functional.one_hot(objects, 2), torch.nn.functional.one_hot(styles, 3)], 1).float()
+    weights = 1 + targets * torch.tensor([0.0, 0.0, 1.0, 1.0, 1.0])
+    expected = -(weights * targets * torch.nn.functional.logsigmoid(logits))
+    expected -= (1 - targets) * torch.nn.functional.logsigmoid(-logits)
+    assert torch.allclose(loss.supervision, expected.mean())
 
 
 def test_supervision_reads_the_latents_after_relu_so_silent_latents_cannot_win():

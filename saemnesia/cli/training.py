@@ -274,7 +274,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     _add_training_arguments(finetune)
     finetune.add_argument("--sae", help="unsupervised SAE folder with dictionary.json (default: the world's)")
     finetune.add_argument("--out", help="supervised SAE folder (default: assets/<world>/sae/supervised/<hook point>)")
-    finetune.add_argument("--supervision", choices=["bce", "ce"], default="bce")
+    finetune.add_argument("--supervision", choices=["bce", "bce-balanced", "ce"], default="bce")
     finetune.add_argument("--learning-rate", type=float, default=5e-6)
     finetune.add_argument("--epochs", type=int, default=150)
     finetune.add_argument("--batch-size", type=int, default=128, help="images (one step each) per batch")
