@@ -184,6 +184,10 @@ def test_nothing_rate_is_the_share_of_the_erased_objects_cells_called_nothing():
     assert grid_metrics(verdicts, ["circle"], "object", NO_OBJECT).nothing_rate == pytest.approx((50 + 0 + 100) / 3)
     assert grid_metrics(verdicts, ["circle"], "object").nothing_rate is None  # a classifier without the label
     assert grid_metrics(verdicts, ["sunset"], "style", NO_OBJECT).nothing_rate is None
+    # a second classifier's verdict, carried by each image, counts the same way
+    second = [j._replace(seen_object=j.object, nothing=j.seen_object == NO_OBJECT) for j in verdicts]
+    assert grid_metrics(second, ["circle"], "object").nothing_rate == pytest.approx((50 + 0 + 100) / 3)
+    assert grid_metrics(second, ["circle"], "object").ua == 0.0
 
 
 def test_chance_survival_counts_each_cell_once_and_gives_ua_its_ceiling():
@@ -465,6 +469,30 @@ def test_a_classifier_that_can_say_nothing_reports_the_erased_objects_called_not
     assert "calls 'nothing' (%): SAEmnesia + replace 100.00; SAeUron + replace 100.00" in results_table(results)
 
 
+def test_a_second_classifier_that_can_say_nothing_judges_every_image_beside_the_scoring_one(monkeypatch, tmp_path):
+    scorer, second = tiny_classifier(), tiny_classifier()
+    second.config = dataclasses.replace(second.config, objects=(*second.config.objects, NO_OBJECT))
+    with pytest.raises(ValueError, match="must have the 'nothing' label"):
+        evaluate(tiny_studio(), scorer, QUICK, cache=None, progress=False, nothing_classifier=scorer)
+    gone, kept = Verdict(NO_OBJECT, 1.0, "sunset", 1.0, None, None), Verdict("star", 1.0, "sunset", 1.0, None, None)
+    monkeypatch.setattr(
+        cache_module, "classify", lambda classifier, images: [gone if classifier is second else kept] * len(images)
+    )
+    protocol = dataclasses.replace(
+        QUICK, objects_erased=1, styles_erased=0, sequential_steps=1, interventions=("replace",)
+    )
+    cache = tmp_path / "cache.jsonl"
+    results = evaluate(tiny_studio(), scorer, protocol, cache=cache, progress=False, nothing_classifier=second)
+    assert results["settings"]["nothing_classifier"] and results["settings"]["no_object_label"] is None
+    circle = results["methods"]["saemnesia+replace"]["concepts"]["circle"]["heldout"]
+    assert circle["nothing_rate"] == 100.0 and circle["ua"] == 100.0  # the scorer saw a star, never "nothing"
+    records = [json.loads(line) for line in cache.read_text().splitlines()]
+    assert {r["nothing"] for r in records if r["intervention"] != "ablate"} == {True}  # the ceiling's: not judged
+    alone = evaluate(tiny_studio(), scorer, protocol, cache=cache, progress=False)
+    assert alone["images"] == results["images"]  # another set of judges: every image made again
+    assert alone["methods"]["saemnesia+replace"]["concepts"]["circle"]["heldout"]["nothing_rate"] is None
+
+
 def test_edit_coverage_splits_the_heldout_images_as_the_benchmark_judged_them(quick_run, tmp_path):
     studio, classifier, _, results = quick_run
     coverage = edit_coverage(studio, classifier, results, grid=tmp_path / "survivors.png")
@@ -619,7 +647,7 @@ def protocols_evaluated(monkeypatch, judge=None) -> list:
     monkeypatch.setattr(
         evaluate_module,
         "evaluate",
-        lambda studio, classifier, protocol, cache, artifact_detector: seen.append(protocol),
+        lambda studio, classifier, protocol, cache, **judges: seen.append(protocol),
     )
     monkeypatch.setattr(evaluate_module, "write_results", lambda results, out: {})
     monkeypatch.setattr(evaluate_module, "results_table", lambda results: "")
@@ -678,7 +706,7 @@ def test_evaluate_command_erases_at_extra_blocks_under_its_own_name(monkeypatch,
     monkeypatch.setattr(
         evaluate_module,
         "evaluate",
-        lambda studio, classifier, protocol, cache, artifact_detector: seen.append(protocol),
+        lambda studio, classifier, protocol, cache, **judges: seen.append(protocol),
     )
     monkeypatch.setattr(evaluate_module, "write_results", lambda results, out: {})
     monkeypatch.setattr(evaluate_module, "results_table", lambda results: "")

@@ -64,8 +64,14 @@ def _evaluate(args: argparse.Namespace) -> None:
     if NO_OBJECT in classifier.config.objects:  # another instrument: its results sit beside the standard ones
         protocol = dataclasses.replace(protocol, name=f"{protocol.name}-no-object-class")
     detector = None if args.no_artifacts else _artifact_detector(args, studio)
+    nothing = None
+    if NO_OBJECT not in classifier.config.objects and not args.no_nothing_classifier:
+        folder = args.nothing_classifier or _shipped(studio, "classifier-no-object")
+        nothing = load_classifier(folder, device=studio.pipeline.device) if folder else None
     cache = Path(args.cache or f"runs/{studio.world.name}-eval-cache.jsonl")
-    results = evaluate(studio, classifier, protocol, cache=cache, artifact_detector=detector, part=args.part)
+    results = evaluate(
+        studio, classifier, protocol, cache, artifact_detector=detector, part=args.part, nothing_classifier=nothing
+    )
     if args.part:
         print(json.dumps(results, indent=1))
         print("When every part is done, the same command without --part writes the results from their verdicts.")
@@ -95,14 +101,17 @@ def _artifact_detector(args: argparse.Namespace, studio):
     """The artifact detector `--artifact-detector` names, else the world's; None if the world ships none."""
     from saemnesia.minicanvas.artifacts import ArtifactDetector
 
-    if args.artifact_detector:
-        folder = Path(args.artifact_detector)
-    elif studio.world.assets is None or not (studio.world.assets / "artifact-detector").is_dir():
+    folder = args.artifact_detector or _shipped(studio, "artifact-detector")
+    if folder is None:
         logging.warning("No artifact detector in this world's assets: results without AR.")
         return None
-    else:
-        folder = studio.world.assets / "artifact-detector"
     return ArtifactDetector.load(folder, device=studio.pipeline.device)
+
+
+def _shipped(studio, name: str) -> Path | None:
+    """The world's asset folder `name`, if it ships one."""
+    assets = studio.world.assets
+    return None if assets is None or not (assets / name).is_dir() else assets / name
 
 
 def _add_evaluation_argument(parser: argparse.ArgumentParser) -> None:
@@ -300,6 +309,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--out", help="folder for the JSON, table and plots (default: the world's results)")
     evaluate.add_argument("--cache", help="verdicts of images made so far (default: runs/<world>-eval-cache.jsonl)")
     evaluate.add_argument("--start-step", type=int, default=0, help="both methods edit from this step on (default 0)")
+    evaluate.add_argument(
+        "--nothing-classifier",
+        help="a classifier with a no-object label that judges every image beside the scoring one, for the 'nothing'"
+        " rate (default: the world's classifier-no-object, if it ships one)",
+    )
+    evaluate.add_argument("--no-nothing-classifier", action="store_true", help="no 'nothing' rate")
     evaluate.add_argument(
         "--part",
         type=_part,

@@ -109,13 +109,16 @@ def evaluate(
     progress: bool = True,
     artifact_detector: ArtifactDetector | None = None,
     part: tuple[int, int] | None = None,
+    nothing_classifier: MiniCanvasClassifier | None = None,
 ) -> dict:
     """Run the benchmark (strength search, held-out report, sequential erasure) and return the results JSON.
 
     `cache` is a JSONL file of verdicts (created if missing); a rerun with the same model finds its
     images there and makes only what is missing. With an `artifact_detector` every image is also judged
     for artifacts and each row gains AR. A `classifier` with a no-object label gives each erased object's
-    rows `nothing_rate`. The chance ceiling ablates blocks with classifier-free guidance: guidance > 1.
+    rows `nothing_rate`, and so does a `nothing_classifier` with that label judging every image beside the
+    `classifier`, which still scores UA, IRA and CRA. The chance ceiling ablates blocks with classifier-free
+    guidance: guidance > 1.
     With `part` (index, count) it makes only that share of the images (`make_plan`) into its own file beside
     `cache` and returns what it did, not results: run it in as many processes as cores, then once without
     `part`, which finds every part's verdicts and makes the rest.
@@ -129,15 +132,18 @@ def evaluate(
             f"start_step must be below the world's {world.steps} sampler steps, got {protocol.start_step}."
         )
     kinds = {concept: world.kind_of(concept) for concept in plan.concepts}
-    tag = fingerprint(studio, classifier, artifact_detector=artifact_detector)
-    tags = {method: fingerprint(studio, classifier, method, artifact_detector) for method in (UNTOUCHED, *METHODS)}
+    if nothing_classifier is not None and _nothing(nothing_classifier) is None:
+        raise ValueError(f"The nothing classifier must have the '{NO_OBJECT}' label: train it with --no-object-share.")
+    judges = {"artifact_detector": artifact_detector, "nothing_classifier": nothing_classifier}
+    tag = fingerprint(studio, classifier, **judges)
+    tags = {method: fingerprint(studio, classifier, method, **judges) for method in (UNTOUCHED, *METHODS)}
     if protocol.start_step:  # it decides the erased images: their verdicts are apart from those of step 0
         tags |= {method: f"{tags[method]}-from-step-{protocol.start_step}" for method in METHODS}
     tags[CHANCE] = tags[UNTOUCHED]
     logger.info("%d images planned (%s protocol)", plan.images, protocol.name)
     name = protocol.name if part is None else f"{protocol.name}, part {part[0]} of {part[1]}"
     bar = tqdm(total=plan.images, desc=f"evaluate ({name})", unit="image", disable=not progress)
-    judge = Judge(studio, classifier, VerdictCache(cache, tags, part), bar, protocol, artifact_detector)
+    judge = Judge(studio, classifier, VerdictCache(cache, tags, part), bar, protocol, **judges)
     chance = _chance(judge, protocol, plan)
     untouched = {(j.seed, j.prompt): j for j in judge.images(None, (), plan.untouched_seeds, plan.grid)}
 
@@ -192,6 +198,7 @@ def evaluate(
             "fingerprint": tag,
             "artifact_detector": artifact_detector is not None,
             "no_object_label": _nothing(classifier),
+            "nothing_classifier": nothing_classifier is not None,
         },
         "ceiling": ceiling(list(untouched.values()), kinds),
         "chance": chance,

@@ -22,7 +22,7 @@ from saemnesia.evaluate.metrics import Judged
 from saemnesia.evaluate.protocol import PromptSpec, Protocol
 from saemnesia.evaluate.search import Setting
 from saemnesia.minicanvas.artifacts import ARTIFACT_THRESHOLD, ArtifactDetector, artifact_probabilities
-from saemnesia.minicanvas.classifier import MiniCanvasClassifier, classify
+from saemnesia.minicanvas.classifier import NO_OBJECT, MiniCanvasClassifier, classify
 from saemnesia.studio import Studio
 
 UNTOUCHED = "none"
@@ -91,8 +91,9 @@ def fingerprint(
     classifier: MiniCanvasClassifier,
     method: str | None = None,
     artifact_detector: ArtifactDetector | None = None,
+    nothing_classifier: MiniCanvasClassifier | None = None,
 ) -> str:
-    """A short hash of what decides a verdict: sampling settings, model, SAEs, statistics, classifier and
+    """A short hash of what decides a verdict: sampling settings, model, SAEs, statistics, classifiers and
     artifact detector.
 
     Hashes the first and last tensor of every network (any training changes both) and all statistics;
@@ -103,7 +104,7 @@ def fingerprint(
     digest = hashlib.sha256(json.dumps([world.steps, world.guidance, world.height, world.width]).encode())
     pipeline = studio.pipeline
     networks = [pipeline.unet, pipeline.text_encoder, pipeline.vae, classifier]
-    networks += [] if artifact_detector is None else [artifact_detector]
+    networks += [network for network in (artifact_detector, nothing_classifier) if network is not None]
     for key in sorted(key for key in studio.bundles if method in (None, key[0])):
         for bundle in (studio.bundles[key], *studio.extra_bundles.get(key, ())):
             networks.append(bundle.sae)
@@ -129,9 +130,10 @@ class Judge:
         bar: tqdm,
         protocol: Protocol,
         artifact_detector: ArtifactDetector | None = None,
+        nothing_classifier: MiniCanvasClassifier | None = None,
     ):
         self.studio, self.classifier, self.cache, self.bar = studio, classifier, cache, bar
-        self.artifact_detector = artifact_detector
+        self.artifact_detector, self.nothing_classifier = artifact_detector, nothing_classifier
         self.batch, self.start_step = protocol.batch_size, protocol.start_step
         self.generated = self.from_cache = 0
         self.seconds = 0.0
@@ -158,7 +160,14 @@ class Judge:
                 self.seconds += record["seconds"]
                 judged.append(
                     Judged(
-                        spec.text, seed, spec.object, spec.style, record["object"], record["style"], record["artifact"]
+                        spec.text,
+                        seed,
+                        spec.object,
+                        spec.style,
+                        record["object"],
+                        record["style"],
+                        record["artifact"],
+                        record.get("nothing"),
                     )
                 )
         return judged
@@ -182,6 +191,11 @@ class Judge:
             if self.artifact_detector is None
             else [p >= ARTIFACT_THRESHOLD for p in artifact_probabilities(self.artifact_detector, result.erased)]
         )
+        nothing = (
+            [None] * len(specs)
+            if self.nothing_classifier is None
+            else [verdict.object == NO_OBJECT for verdict in classify(self.nothing_classifier, result.erased)]
+        )
         seconds = time.perf_counter() - began
         self.cache.add(
             [
@@ -196,9 +210,10 @@ class Judge:
                     "object": verdict.object,
                     "style": verdict.style,
                     "artifact": artifact,
+                    "nothing": called_nothing,
                     "seconds": seconds / len(specs),
                 }
-                for spec, verdict, artifact in zip(specs, verdicts, artifacts)
+                for spec, verdict, artifact, called_nothing in zip(specs, verdicts, artifacts, nothing)
             ]
         )
         self.generated += len(specs)

@@ -36,6 +36,8 @@ class Judged(NamedTuple):
     seen_style: str
     artifact: bool | None = None
     """Whether the artifact detector calls the image corrupted (None: not judged)."""
+    nothing: bool | None = None
+    """Whether a second classifier, one with a no-object label, calls the image "nothing" (None: not judged)."""
 
 
 class Metrics(NamedTuple):
@@ -129,7 +131,8 @@ def grid_metrics(judged: Sequence[Judged], erased: Collection[str], kind: str, n
     prompts ask no style). Erased styles: UA and IRA the same over the styles' columns, CRA the objects' accuracy
     on the unstyled prompts alone. Several erased concepts: UA averages theirs, IRA the rest of their kind. The
     grid is the concepts the images ask for (a sub-grid counts the same way). With `nothing`, the label of a
-    classifier for an image with no object, `nothing_rate` is the share of the erased objects' images given it.
+    classifier for an image with no object, `nothing_rate` is the share of the erased objects' images given it;
+    without it, the share a second classifier called "nothing" (`Judged.nothing`), where one judged them.
     """
     own = concept_accuracies(judged, kind)
     erased_accuracy = mean_of_known([own.get(concept) for concept in erased])
@@ -139,8 +142,11 @@ def grid_metrics(judged: Sequence[Judged], erased: Collection[str], kind: str, n
         cross = concept_accuracies([j for j in judged if j.style is None], "object")
     styled = concept_accuracies([j for j in judged if j.style is not None], other_kind(kind))
     gone = None
-    if kind == "object" and nothing is not None:
-        called_nothing = _per_concept(judged, kind, lambda j: j.seen_object == nothing)
+    judged_nothing = nothing is not None or any(j.nothing is not None for j in judged)
+    if kind == "object" and judged_nothing:
+        called_nothing = _per_concept(
+            judged, kind, lambda j: j.seen_object == nothing if nothing is not None else bool(j.nothing)
+        )
         gone = mean_of_known([called_nothing.get(concept) for concept in erased])
     return Metrics(
         None if erased_accuracy is None else 100 - erased_accuracy,
