@@ -235,8 +235,8 @@ def make_plan(world: World, protocol: Protocol, part: tuple[int, int] | None = N
     steps = 0 if part else min(protocol.sequential_steps, len(objects), len(world.objects) - 1)
     sequential = [list(world.objects[:count]) for count in range(1, steps + 1)]
     untouched_seeds = list(dict.fromkeys((*protocol.heldout_seeds, *(protocol.sequential_seeds if sequential else ()))))
-    chance = [spec for spec in grid if spec.object in world.objects[: protocol.objects_erased]]
-    chance = [] if part and part[0] > 1 else chance
+    chance_objects = [] if part and part[0] > 1 else world.objects[: protocol.objects_erased]
+    chance = [spec for spec in grid if spec.object in chance_objects]
     images = len(protocol.tuning_seeds) * sum(
         len(specs) * trials_of(protocol, method, intervention, world.kind_of(concept))
         for concept, specs in tuning.items()
