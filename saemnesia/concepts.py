@@ -185,3 +185,46 @@ def concept_stats_from_activations(
             counts.index_add_(0, rows, torch.ones_like(rows, dtype=counts.dtype))
     mean_acts = (sums / counts.clamp_min(1)[:, None]).view(len(concepts), num_steps, num_latents)
     return ConceptStats(list(concepts), list(kinds), timesteps.clone(), mean_acts.cpu())
+
+
+@dataclass
+class ConceptFootprints:
+    """Per concept, what naming it changes at each token of the block: the SAE's mean reconstruction of the
+    concept's images, token by token at each sampler step, minus the mean over the other concepts of its kind.
+
+    Paint adds a footprint to draw a concept where none was asked for. One latent's decoder row, the same on every
+    token, cannot do that: on MiniCanvas 64 a supervised object latent detects its object but painting it (or
+    moving the prompt's object's activation onto it) never made the classifier see the painted object, while the
+    footprint, which holds the object's shape, did ([neurons](docs/neurons.md#measuring-it))."""
+
+    concepts: list[str]
+    timesteps: Tensor
+    """[T] the timesteps of the sampler steps, as in `ConceptStats`."""
+    footprints: Tensor
+    """[C, T, h*w, d]."""
+
+    def of(self, concept: str) -> Tensor:
+        """[T, h*w, d] the concept's footprint."""
+        check_concepts([concept], self.concepts)
+        return self.footprints[self.concepts.index(concept)]
+
+    def save(self, path: str | Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        tensors = {"timesteps": self.timesteps.contiguous(), "footprints": self.footprints.half().contiguous()}
+        save_file(tensors, str(path), metadata={"concepts": json.dumps(self.concepts)})
+
+    @classmethod
+    def load(cls, path: str | Path) -> ConceptFootprints:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                concepts = json.loads((handle.metadata() or {})["concepts"])
+            tensors = load_file(path)
+            footprints = cls(concepts, tensors["timesteps"], tensors["footprints"].float())
+        except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as error:
+            raise ValueError(f"'{path}' is not a concept footprints file ({error!r}).") from error
+        shape = tuple(footprints.footprints.shape)
+        if len(shape) != 4 or shape[:2] != (len(concepts), len(footprints.timesteps)):
+            raise ValueError(f"'{path}': footprints has shape {shape}, not [concepts, steps, tokens, d].")
+        return footprints

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from saemnesia.concepts import ConceptDictionary, ConceptStats, check_concepts
+from saemnesia.concepts import ConceptDictionary, ConceptFootprints, ConceptStats, check_concepts
 from saemnesia.sae import EncoderOutput, Sae
 
 METHODS = ("saemnesia", "saeuron")
@@ -345,44 +345,64 @@ def replace_tokens(maps: Tensor, sources: Tensor, fallback: Tensor | None = None
 
 
 PAINT_STRENGTH_RANGE = (-100.0, 100.0)
-"""Paint's strength, in multiples of the concept's mean activation at each step (the erasure's unit)."""
+"""Paint's strength: for a latent, in multiples of the concept's mean activation at each step (the erasure's
+unit); for a footprint, in multiples of the footprint."""
 
 
 @dataclass(frozen=True)
 class Paint:
-    """Paint one latent into (strength > 0) or out of (strength < 0) the masked tokens of a block, at a range of
-    sampler steps: each masked token moves by `strength * mean_acts[c, t, latent]` along the latent's decoder row,
-    `c` the concept the latent holds. The other tokens, and every token outside the steps, are left exactly as
+    """Paint one latent, or a concept's footprint, into (strength > 0) or out of (strength < 0) the masked tokens
+    of a block, at a range of sampler steps. A latent moves each masked token by `strength * mean_acts[c, t,
+    latent]` along its decoder row (`c` the concept the latent holds), in both guidance halves; a footprint moves
+    each masked token by `strength` times the footprint at that token, in the conditional half only, as if the
+    prompt had named the concept there. The other tokens, and every token outside the steps, are left exactly as
     they are."""
 
     latent: int
     mask: Tensor
     """[h*w] bool, row-major over the block's token grid."""
     amounts: Tensor
-    """[T] strength * the concept's mean activation, per statistics step."""
+    """[T] how far the masked tokens move, per statistics step."""
     timesteps: Tensor
     """[T] the statistics steps' timesteps, to map any sampler's steps onto them."""
     steps: tuple[int, int]
     """[first, last] sampler steps painted, inclusive."""
+    footprint: Tensor | None = None
+    """[T, h*w, d] the concept's footprint (`ConceptFootprints`), painted instead of the latent's decoder row."""
 
-    def amount(self, step: int, timestep: float) -> float:
-        """How far the masked tokens move at sampler step `step` (0 outside the step range)."""
-        if not self.steps[0] <= step <= self.steps[1]:
-            return 0.0
-        return float(self.amounts[int(torch.argmin((self.timesteps.float() - float(timestep)).abs()))])
+    def at(self, step: int, timestep: float) -> tuple[float, int]:
+        """How far the masked tokens move at sampler step `step` (0 outside the step range), and the statistics
+        step it maps to."""
+        index = int(torch.argmin((self.timesteps.float() - float(timestep)).abs()))
+        inside = self.steps[0] <= step <= self.steps[1]
+        return (float(self.amounts[index]) if inside else 0.0), index
 
 
-def paint_edit(stats: ConceptStats, concept: str, latent: int, strength: float, mask: Tensor, steps: tuple[int, int]):
-    """The `Paint` of `latent` at `strength` times `concept`'s mean activation on it, step by step."""
+def _check_paint_strength(strength: object) -> float:
     low, high = PAINT_STRENGTH_RANGE
     if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength):
         raise ValueError(f"strength must be a finite number in [{low:g}, {high:g}], got {strength!r}.")
     if not low <= strength <= high:
         raise ValueError(f"strength must be in [{low:g}, {high:g}], got {strength!r}.")
-    amounts = float(strength) * stats.mean_acts[stats.index(concept), :, latent]
+    return float(strength)
+
+
+def paint_edit(stats: ConceptStats, concept: str, latent: int, strength: float, mask: Tensor, steps: tuple[int, int]):
+    """The `Paint` of `latent` at `strength` times `concept`'s mean activation on it, step by step."""
+    amounts = _check_paint_strength(strength) * stats.mean_acts[stats.index(concept), :, latent]
     return Paint(latent, mask, amounts, stats.timesteps, steps)
 
 
+def footprint_edit(
+    footprints: ConceptFootprints, concept: str, latent: int, strength: float, mask: Tensor, steps: tuple[int, int]
+) -> Paint:
+    """The `Paint` of `concept`'s footprint at `strength`; `latent` is the concept's, whose heatmap shows after."""
+    footprint = footprints.of(concept)
+    amounts = torch.full((len(footprints.timesteps),), _check_paint_strength(strength))
+    return Paint(latent, mask, amounts, footprints.timesteps, steps, footprint)
+
+
 def paint_tokens(tokens: Tensor, mask: Tensor, direction: Tensor, amount: float) -> Tensor:
-    """`tokens` [M, h*w, d] with `amount * direction` added on the masked positions `[h*w]` only."""
+    """`tokens` [M, h*w, d] with `amount * direction` (`[d]`, or `[h*w, d]` token by token) added on the masked
+    positions `[h*w]` only."""
     return tokens + (amount * mask.to(tokens.dtype)).view(1, -1, 1) * direction.to(tokens.dtype)

@@ -215,7 +215,7 @@ def _block_edit(
 
     def edit(hidden: Tensor, step: int) -> Tensor:
         hidden = erase_and_record(hidden, step)
-        amount = 0.0 if paint is None else paint.amount(step, timesteps[step])
+        amount, index = (0.0, 0) if paint is None else paint.at(step, timesteps[step])
         if not amount:
             return hidden
         if hook.record:  # the trace's mask: the painted tokens of the painted rows
@@ -223,8 +223,11 @@ def _block_edit(
         channels, h, w = hidden.shape[1:]
         painted = hidden.clone()
         rows = _erased_view(painted, batch, originals)
+        if paint.footprint is not None:  # the conditional half (the last), as if the prompt named the concept
+            rows = rows[-1:]
+        vector = direction if paint.footprint is None else paint.footprint[index].to(hidden.device)
         tokens = rows.permute(0, 1, 3, 4, 2).reshape(-1, h * w, channels)
-        new_tokens = paint_tokens(tokens, paint.mask.to(hidden.device), direction, amount)
+        new_tokens = paint_tokens(tokens, paint.mask.to(hidden.device), vector, amount)
         rows.copy_(new_tokens.view(*rows.shape[:2], h, w, channels).permute(0, 1, 4, 2, 3))
         return painted
 
@@ -362,8 +365,8 @@ def generate_pairs(
             for hook in hooks if hook.erasure is not None
         ],
         "paints": [
-            {"block": hook.block, "latent": hook.paint.latent, "tokens": int(hook.paint.mask.sum()),
-             "steps": list(hook.paint.steps)}
+            {"block": hook.block, "latent": hook.paint.latent, "footprint": hook.paint.footprint is not None,
+             "tokens": int(hook.paint.mask.sum()), "steps": list(hook.paint.steps)}
             for hook in hooks if hook.paint is not None
         ],
     }  # fmt: skip

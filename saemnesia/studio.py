@@ -15,13 +15,14 @@ from typing import TYPE_CHECKING
 import torch
 from diffusers import StableDiffusionPipeline
 
-from saemnesia.concepts import ConceptDictionary, ConceptStats, check_concepts
+from saemnesia.concepts import ConceptDictionary, ConceptFootprints, ConceptStats, check_concepts
 from saemnesia.erase import (
     INTERVENTIONS,
     METHODS,
     PER_RULE,
     ReplaceRule,
     check_strength,
+    footprint_edit,
     paint_edit,
     saemnesia_erasure,
     saeuron_erasure,
@@ -39,6 +40,8 @@ LATENTS_FOLDER = "latents"
 """Where a world's assets keep its latent indexes and their images (`index-latents`)."""
 STATS_FILE = "stats.safetensors"
 DICTIONARY_FILE = "dictionary.json"
+FOOTPRINTS_FILE = "footprints.safetensors"
+"""Written by `stats --footprints`; shipped beside the supervised SAEs, which Paint draws concepts with."""
 LIMITS = {"steps": (1, 150), "guidance": (0.0, 30.0), "seed": (0, 2**32 - 1), "features_per_step": (1, 64)}
 MAX_PROMPT_CHARACTERS = 1000
 """Far past what the tokenizer keeps; a cap so a hostile prompt cannot make tokenizing itself the work."""
@@ -69,18 +72,27 @@ class SaeBundle:
     dictionary: ConceptDictionary | None = None
     index: LatentIndex | None = None
     """The SAE's latent index (`index-latents`), where the world's assets hold one."""
+    footprints: ConceptFootprints | None = None
+    """Its kind's concept footprints (`stats --footprints`), which Paint can draw a concept with."""
 
     @classmethod
     def load(cls, folder: Path, block: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> SaeBundle:
-        dictionary_path = folder / DICTIONARY_FILE
+        dictionary_path, footprints_path = folder / DICTIONARY_FILE, folder / FOOTPRINTS_FILE
         dictionary = ConceptDictionary.load(dictionary_path) if dictionary_path.is_file() else None
-        return cls(Sae.load(folder, device, dtype), block, ConceptStats.load(folder / STATS_FILE), dictionary)
+        footprints = ConceptFootprints.load(footprints_path) if footprints_path.is_file() else None
+        stats = ConceptStats.load(folder / STATS_FILE)
+        return cls(Sae.load(folder, device, dtype), block, stats, dictionary, footprints=footprints)
 
 
 def _load_fitted(pipeline: StableDiffusionPipeline, folder: Path, block: str) -> SaeBundle:
     """The bundle in `folder`, on the pipeline's device and dtype, refused if it does not fit `block`."""
     bundle = SaeBundle.load(folder, block, str(pipeline.device), pipeline.unet.dtype)
     check_sae_fits(pipeline, bundle.sae, block)
+    if bundle.footprints is not None and bundle.footprints.footprints.shape[-1] != bundle.sae.cfg.d_in:
+        raise ValueError(
+            f"The footprints in {folder} are {bundle.footprints.footprints.shape[-1]} wide, the SAE "
+            f"{bundle.sae.cfg.d_in}: make them again with `python -m saemnesia stats --footprints`."
+        )
     return bundle
 
 
@@ -361,13 +373,22 @@ class Studio:
         seed: int = 0,
         method: str = "saemnesia",
         record: bool = True,
+        footprint: bool = False,
     ) -> PairResult:
         """Original and painted image of `prompt` from `seed`: the latent `target` (a concept's, or an index on
         the `kind` block) moved by `strength` times its concept's mean activation on the masked tokens, at the
-        sampler steps `steps_painted` (first, last; default all). Settings are checked first."""
+        sampler steps `steps_painted` (first, last; default all); with `footprint`, the concept `target`'s
+        footprint at `strength` instead (`ConceptFootprints`). Settings are checked first."""
         prompt = self.check_prompt(prompt)[0]
         _check_number("seed", seed, integer=True)
         bundle, latent, concept = self.resolve_latent(target, kind, method)
+        if footprint and not (isinstance(target, str) and target in self.world.concepts):
+            raise SettingsError(f"a footprint is a concept's: give a concept name, not {target!r}.")
+        if footprint and bundle.footprints is None:
+            raise SettingsError(
+                f"The {method} SAE on {bundle.block} has no footprints: make them with `python -m saemnesia stats "
+                f"--variant {VARIANT_OF_METHOD[method]} --kind {self.world.kind_of(target)} --footprints`."
+            )
         kind = self.world.kind_of(target) if isinstance(target, str) and target in self.world.concepts else kind
         token_mask = self.check_mask(mask, kind)
         last = self.world.steps - 1
@@ -378,7 +399,12 @@ class Studio:
         if first_step > last_step:
             raise SettingsError(f"the first painted step ({first_step}) is after the last ({last_step}).")
         try:
-            paint = paint_edit(bundle.stats, concept, latent, strength, token_mask, (first_step, last_step))
+            steps = (first_step, last_step)
+            paint = (
+                footprint_edit(bundle.footprints, concept, latent, strength, token_mask, steps)
+                if footprint
+                else paint_edit(bundle.stats, concept, latent, strength, token_mask, steps)
+            )
         except ValueError as error:
             raise SettingsError(str(error)) from None
         return self.generate([prompt], [SaeHook(bundle.block, bundle.sae, None, record, paint=paint)], seed)

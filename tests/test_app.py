@@ -129,6 +129,10 @@ def test_paint_returns_the_pair_and_the_latents_heatmap_and_refuses_bad_masks(cl
         client.predict("a circle", "star", "object", "saemnesia", 1e6, middle, 0, 1, 0, api_name="/paint")
     with pytest.raises(Exception, match="last painted step must be an integer in"):
         client.predict("a circle", "star", "object", "saemnesia", 5, middle, 0, 9, 0, api_name="/paint")
+    with pytest.raises(Exception, match="source must be one of neuron, footprint, got 'colour'"):
+        client.predict("a circle", "star", "object", "saemnesia", 5, middle, 0, 1, 0, "colour", api_name="/paint")
+    with pytest.raises(Exception, match="has no footprints: make them with"):  # the tiny world ships none
+        client.predict("a circle", "star", "object", "saemnesia", 2, middle, 0, 1, 0, "footprint", api_name="/paint")
 
 
 def test_one_click_compares_original_steer_and_replace(client):

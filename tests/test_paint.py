@@ -8,7 +8,8 @@ import pytest
 import torch
 from conftest import make_tiny_studio
 
-from saemnesia.erase import paint_edit
+from saemnesia.concepts import ConceptFootprints
+from saemnesia.erase import footprint_edit, paint_edit
 from saemnesia.generate import SaeHook
 from saemnesia.studio import SettingsError
 
@@ -35,7 +36,7 @@ def test_an_empty_mask_gives_the_original_exactly(studio):
     )
     latent = studio.resolve_latent("star", "object")[1]
     assert result.settings["paints"] == [
-        {"block": studio.world.object_block, "latent": latent, "tokens": 0, "steps": [0, 1]}
+        {"block": studio.world.object_block, "latent": latent, "footprint": False, "tokens": 0, "steps": [0, 1]}
     ]
 
 
@@ -98,8 +99,8 @@ def test_the_object_region_is_where_minicanvas_draws_its_object():
     assert int(object_region(4, 4).sum()) == 4
 
 
-def test_paint_benchmark_tunes_on_the_tuning_seed_and_reports_held_out_rates(studio):
-    from saemnesia.evaluate.painting import HELDOUT_SEEDS, INSERTION_STRENGTHS, measure_paint
+def test_paint_benchmark_tunes_on_the_tuning_seed_and_reports_held_out_rates(studio, with_footprints):
+    from saemnesia.evaluate.painting import FOOTPRINT_STRENGTHS, HELDOUT_SEEDS, INSERTION_STRENGTHS, measure_paint
     from saemnesia.minicanvas.classifier import ClassifierConfig, MiniCanvasClassifier
 
     torch.manual_seed(0)
@@ -115,6 +116,9 @@ def test_paint_benchmark_tunes_on_the_tuning_seed_and_reports_held_out_rates(stu
     assert report["mean"]["insertion"]["rate"] == round(star["insertion"]["heldout"]["rate"], 2)
     assert report["mean"]["insertion"]["ar"] is None  # no detector, no artifact rate
     assert report["settings"]["heldout_seeds"] == list(HELDOUT_SEEDS)
+    footprint = star["footprint_insertion"]
+    assert list(footprint["tuning"]) == [str(s) for s in FOOTPRINT_STRENGTHS]
+    assert report["mean"]["footprint_insertion"]["rate"] == round(footprint["heldout"]["rate"], 2)
 
 
 def test_cli_paints_a_box_and_refuses_bad_settings_by_name(studio, tmp_path, monkeypatch, capsys):
@@ -136,3 +140,79 @@ def test_cli_paints_a_box_and_refuses_bad_settings_by_name(studio, tmp_path, mon
     with pytest.raises(SystemExit):
         cli.main(["paint", "--prompt", PROMPT, "--latent", "9999", "--strength", "5", "--out", str(tmp_path)])
     assert "latent must be a concept name or an integer in [0, 255]" in capsys.readouterr().err
+
+
+@pytest.fixture
+def with_footprints(studio):
+    """The object SAE with random footprints, for the length of one test."""
+    bundle = studio.bundle("saemnesia", "object")
+    height, width = studio.token_grid("object")
+    generator = torch.Generator().manual_seed(5)
+    shape = (len(studio.world.objects), len(bundle.stats.timesteps), height * width, bundle.sae.cfg.d_in)
+    bundle.footprints = ConceptFootprints(
+        list(studio.world.objects), bundle.stats.timesteps, torch.randn(shape, generator=generator)
+    )
+    yield bundle
+    bundle.footprints = None
+
+
+def test_a_footprint_moves_the_masked_tokens_of_the_conditional_half_only_token_by_token(studio, with_footprints):
+    bundle = with_footprints
+    latent = bundle.dictionary.latent("heart")
+    mask = centre_mask(studio).flatten().bool()
+    paint = footprint_edit(bundle.footprints, "heart", latent, 1.5, mask, (1, 1))
+    hook = SaeHook(bundle.block, bundle.sae, None, keep_outputs=True, paint=paint)
+    outputs = studio.generate([PROMPT], [hook], seed=3).block_outputs[bundle.block]
+    original, painted = outputs[:, 0::2], outputs[:, 1::2]  # [steps, halves, C, h, w]
+    assert torch.equal(original[:, 0], painted[:, 0])  # the unconditional half is left alone
+    change = (painted[1, 1] - original[1, 1]).flatten(1).T  # [h*w, C], step 1
+    assert torch.equal(change[~mask], torch.zeros_like(change[~mask]))
+    expected = 1.5 * bundle.footprints.of("heart")[1][mask]
+    assert torch.allclose(change[mask], expected, atol=1e-5)
+
+
+def test_footprint_paint_through_the_studio_records_it_and_refuses_what_has_none(studio, with_footprints):
+    empty = torch.zeros(studio.token_grid("object")).tolist()
+    result = studio.paint(PROMPT, "heart", empty, strength=2.0, footprint=True)
+    assert result.erased[0].tobytes() == result.originals[0].tobytes()
+    assert result.settings["paints"][0]["footprint"] is True
+    with pytest.raises(SettingsError, match="a footprint is a concept's: give a concept name, not 3"):
+        studio.paint(PROMPT, 3, empty, strength=2.0, footprint=True)
+    with pytest.raises(SettingsError, match="has no footprints: make them with"):
+        studio.paint(PROMPT, "neon", empty, strength=2.0, kind="style", footprint=True)
+
+
+def test_footprints_round_trip_and_a_wrong_file_is_named(tmp_path):
+    footprints = ConceptFootprints(["star", "heart"], torch.tensor([900, 400]), torch.randn(2, 2, 4, 3))
+    footprints.save(tmp_path / "footprints.safetensors")
+    loaded = ConceptFootprints.load(tmp_path / "footprints.safetensors")
+    assert loaded.concepts == ["star", "heart"]
+    assert torch.allclose(loaded.of("heart"), footprints.of("heart"), atol=1e-2)  # stored as float16
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="is not a concept footprints file"):
+        ConceptFootprints.load(tmp_path / "bad.safetensors")
+
+
+def test_footprints_are_each_concepts_mean_reconstruction_minus_the_mean_of_its_kinds_others(studio, tmp_path):
+    from saemnesia.train import collect, compute_footprints
+    from saemnesia.train.activations import OBJECT, STEP
+
+    bundle = studio.bundle("saemnesia", "object")
+    activations = collect(
+        studio.world, studio.pipeline, tmp_path, seeds_per_prompt=1, images_per_shard=4, progress=False
+    )
+    footprints = compute_footprints(bundle.sae, activations, bundle.block, "object", batch_size=3, progress=False)
+    parts = [activations.load(shard, bundle.block) for shard in range(activations.num_shards)]
+    tokens, labels = torch.cat([p[0] for p in parts]).float(), torch.cat([p[1] for p in parts])
+    with torch.no_grad():
+        rebuilt = bundle.sae(tokens)
+    objects = list(activations.objects)
+
+    def mean(name: str, step: int) -> torch.Tensor:
+        rows = (labels[:, OBJECT] == objects.index(name)) & (labels[:, STEP] == step)
+        return rebuilt[rows].mean(0)
+
+    for step in range(len(activations.timesteps)):
+        others = torch.stack([mean(o, step) for o in objects if o != "star"]).mean(0)
+        assert torch.allclose(footprints.of("star")[step], mean("star", step) - others, atol=1e-5)
+    assert footprints.concepts == objects

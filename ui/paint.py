@@ -1,6 +1,6 @@
-"""The Paint tab: a concept (by name: its SAEmnesia neuron) or any latent (by number) painted into a masked region of
-the block's token grid, or out of it with a negative strength; original and painted image from one seed, with the
-painted latent's heatmap after."""
+"""The Paint tab: a concept (by name: its SAEmnesia neuron, or its footprint) or any latent (by number) painted into a
+masked region of the block's token grid, or out of it with a negative strength; original and painted image from one
+seed, with the painted latent's heatmap after."""
 
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ from ui.shared import DISPLAY, PIXELS, captioned, whole_as_int
 CANVAS = 256
 """Side in pixels of the mask-drawing canvas."""
 PRESETS = ("middle", "left half", "right half", "top half", "bottom half", "all", "none")
+SOURCES = {"neuron": 20.0, "footprint": 2.0}
+"""What Paint moves the tokens along, with the strength the tab starts at for it."""
 
 
 def preset_mask(name: str, height: int, width: int) -> np.ndarray:
@@ -80,7 +82,9 @@ def paint_tab(studio: Studio, classifier) -> None:
         "Paint a concept where you want it: choose it by name (its SAEmnesia neuron) or any latent by number, mark "
         "tokens of the block's grid, and the latent is added along its decoder direction on those tokens only, at "
         "the chosen steps. A positive strength paints the concept in; a negative one erases it inside the mask "
-        "only. Strength is in units of the concept's mean activation, as the erasure's is."
+        "only. Strength is in units of the concept's mean activation, as the erasure's is. A neuron says *that* "
+        "an object is there more than it draws one: to draw an object into another's prompt, paint its "
+        "**footprint** (its mean reconstruction, token by token, minus the other objects'; strength in footprints)."
     )
     with gr.Row():
         with gr.Column(scale=2):
@@ -91,7 +95,11 @@ def paint_tab(studio: Studio, classifier) -> None:
                 )
                 kind = gr.Radio(["object", "style"], value="object", label="Block (for a number)")
                 method = gr.Radio(SAE_CHOICES, value="saemnesia", label="SAE")
-            strength = gr.Slider(*PAINT_STRENGTH_RANGE, value=20, step=0.5, label="Strength (negative erases)")
+            with gr.Row():
+                source = gr.Radio(list(SOURCES), value="neuron", label="Paint with")
+                strength = gr.Slider(
+                    *PAINT_STRENGTH_RANGE, value=SOURCES["neuron"], step=0.5, label="Strength (negative erases)"
+                )
             with gr.Row():
                 first_step = gr.Slider(0, world.steps - 1, value=0, step=1, label="First painted step")
                 last_step = gr.Slider(0, world.steps - 1, value=world.steps - 1, step=1, label="Last painted step")
@@ -129,12 +137,15 @@ def paint_tab(studio: Studio, classifier) -> None:
             status = gr.Markdown()
 
     region.change(lambda name: mask_text(preset_mask(name, height, width)), region, mask, api_name=False)
+    source.change(lambda name: SOURCES.get(name, SOURCES["neuron"]), source, strength, api_name=False)
     editor.change(lambda drawing: mask_text(drawn_mask(drawing, height, width)), editor, mask, api_name=False)
 
-    def paint(prompt, target, kind, method, strength, mask, first_step, last_step, seed):
+    def paint(prompt, target, kind, method, strength, mask, first_step, last_step, seed, source="neuron"):
         """The pair; settings go to the Studio as they came, so its messages name the field."""
         started = time.perf_counter()
         try:
+            if source not in SOURCES:
+                raise ValueError(f"source must be one of {', '.join(SOURCES)}, got {source!r}.")
             result = studio.paint(
                 prompt,
                 whole_as_int(target),
@@ -144,6 +155,7 @@ def paint_tab(studio: Studio, classifier) -> None:
                 steps_painted=(whole_as_int(first_step), whole_as_int(last_step)),
                 seed=whole_as_int(seed),
                 method=method,
+                footprint=source == "footprint",
             )
         except (ValueError, KeyError) as error:
             raise gr.Error(str(error), print_exception=False) from None
@@ -158,15 +170,16 @@ def paint_tab(studio: Studio, classifier) -> None:
             (overlay(result.erased[0], after, scale, 0.6, DISPLAY), f"latent {latent} after painting, last step")
         )
         gallery.append((mask_overlay(result.erased[0], trace.edit_mask(painted["steps"][0], 1), DISPLAY), "mask"))
+        what = f"The footprint of **{target}** (latent {latent})" if painted["footprint"] else f"Latent **{latent}**"
         text = (
-            f"Latent **{latent}** at `{painted['block']}` on {painted['tokens']} tokens, steps "
+            f"{what} at `{painted['block']}` on {painted['tokens']} tokens, steps "
             f"{painted['steps'][0]} – {painted['steps'][1]} · 2 images in {elapsed:.1f} s · seed {int(seed)}"
         )
         return (upscale(result.originals[0], DISPLAY), upscale(result.erased[0], DISPLAY)), gallery, text
 
     run.click(
         paint,
-        [prompt, target, kind, method, strength, mask, first_step, last_step, seed],
+        [prompt, target, kind, method, strength, mask, first_step, last_step, seed, source],
         [slider, panes, status],
         api_name="paint",
         preprocess=False,  # raw values reach the Studio, whose checks name the field

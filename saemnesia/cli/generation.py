@@ -50,7 +50,15 @@ def _paint(args: argparse.Namespace) -> None:
     mask = [[int(top <= row <= bottom and left <= column <= right) for column in range(width)] for row in range(height)]
     steps = tuple(args.steps_painted) if args.steps_painted else None
     result = studio.paint(
-        args.prompt, target, mask, args.strength, kind=kind, steps_painted=steps, seed=args.seed, method=args.method
+        args.prompt,
+        target,
+        mask,
+        args.strength,
+        kind=kind,
+        steps_painted=steps,
+        seed=args.seed,
+        method=args.method,
+        footprint=args.footprint,
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -119,7 +127,13 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     paint.add_argument("--kind", choices=["object", "style"], default="object", help="the block, for --latent")
     paint.add_argument("--method", choices=["saemnesia", "saeuron"], default="saemnesia", help="whose SAE")
     paint.add_argument(
-        "--strength", type=float, required=True, help="times the concept's mean activation; negative erases"
+        "--footprint", action="store_true", help="paint the --concept's footprint instead of its latent (draws it)"
+    )
+    paint.add_argument(
+        "--strength",
+        type=float,
+        required=True,
+        help="times the concept's mean activation (with --footprint: times its footprint); negative erases",
     )
     paint.add_argument(
         "--box", type=int, nargs=4, metavar=("TOP", "LEFT", "BOTTOM", "RIGHT"),

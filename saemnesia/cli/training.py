@@ -91,8 +91,8 @@ def _train_sae(args: argparse.Namespace) -> None:
 def _stats(args: argparse.Namespace) -> None:
     from saemnesia.concepts import ConceptDictionary
     from saemnesia.sae import Sae
-    from saemnesia.studio import DICTIONARY_FILE
-    from saemnesia.train import Activations, write_stats
+    from saemnesia.studio import DICTIONARY_FILE, FOOTPRINTS_FILE
+    from saemnesia.train import Activations, compute_footprints, write_stats
     from saemnesia.worlds import default_device
 
     world, block, activations = _training_world(args)
@@ -108,8 +108,12 @@ def _stats(args: argparse.Namespace) -> None:
     keep_dictionary = args.variant == "supervised" and dictionary_path.is_file()
     dictionary = ConceptDictionary.load(dictionary_path) if keep_dictionary else None
     sae = Sae.load(folder, args.device or default_device())
-    write_stats(sae, Activations.open(activations), block, folder, dictionary)
+    collection = Activations.open(activations)
+    write_stats(sae, collection, block, folder, dictionary)
     print(f"statistics and dictionary written to {folder}")
+    if args.footprints:
+        compute_footprints(sae, collection, block, args.kind).save(folder / FOOTPRINTS_FILE)
+        print(f"footprints of the {args.kind}s written to {folder / FOOTPRINTS_FILE}")
 
 
 def _finetune(args: argparse.Namespace) -> None:
@@ -267,6 +271,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     stats.add_argument(
         "--sae-source",
         help="published SAE to copy into --sae first: hub id or folder (bcywinski/SAeUron, leno3003/SAEmnesia)",
+    )
+    stats.add_argument(
+        "--footprints", action="store_true", help="also the footprints of the kind's concepts, which Paint draws with"
     )
     stats.set_defaults(run=_stats)
 

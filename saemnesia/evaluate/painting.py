@@ -3,7 +3,9 @@ out of a region erase it as well as a full erasure does?
 
 - Insertion: each object is painted (positive strength) into prompts of the other objects, on the tokens where
   MiniCanvas draws its object (`object_region`); the INSERTION RATE is the share of images the classifier then
-  calls the painted object, beside the style kept (the prompt's style still seen) and the artifact rate.
+  calls the painted object, beside the style kept (the prompt's style still seen) and the artifact rate. It is
+  measured twice: painting the object's latent, and painting its footprint (`ConceptFootprints`), where the
+  SAE has footprints.
 - Local erasure: each object is painted out (negative strength) of the same region of its own prompts; the share
   no longer called that object is set beside a full erasure of the same object (SAEmnesia, steer at the strength
   the benchmark tuned, and replace) on the same prompts and seeds.
@@ -20,7 +22,7 @@ from collections.abc import Callable, Sequence
 import torch
 from PIL import Image
 
-from saemnesia.erase import paint_edit
+from saemnesia.erase import footprint_edit, paint_edit
 from saemnesia.evaluate.metrics import mean_of_known, rounded
 from saemnesia.evaluate.protocol import PromptSpec
 from saemnesia.generate import SaeHook
@@ -29,6 +31,7 @@ from saemnesia.minicanvas.classifier import MiniCanvasClassifier, classify
 from saemnesia.studio import Studio
 
 INSERTION_STRENGTHS = (5.0, 10.0, 20.0, 40.0, 80.0)
+FOOTPRINT_STRENGTHS = (0.5, 1.0, 1.5, 2.0, 3.0)
 LOCAL_ERASURE_STRENGTHS = (-5.0, -10.0, -20.0, -40.0, -80.0)
 TUNING_SEEDS = (50_000,)
 HELDOUT_SEEDS = (60_000, 60_001)
@@ -107,16 +110,23 @@ def measure_paint(
     full_erasure_strengths = full_erasure_strengths or {}
     report: dict[str, dict] = {}
 
-    def painted(concept: str, strength: float, specs: list[PromptSpec], seeds: Sequence[int]) -> dict:
+    def painted(
+        concept: str, strength: float, specs: list[PromptSpec], seeds: Sequence[int], footprint: bool = False
+    ) -> dict:
         latent = bundle.dictionary.latent(concept)
-        paint = paint_edit(bundle.stats, concept, latent, strength, region, steps)
+        paint = (
+            footprint_edit(bundle.footprints, concept, latent, strength, region, steps)
+            if footprint
+            else paint_edit(bundle.stats, concept, latent, strength, region, steps)
+        )
         images = _generate(studio, specs, [SaeHook(bundle.block, bundle.sae, paint=paint)], seeds)
         return _Judged(images, classifier, detector).rates(specs * len(seeds), concept if strength > 0 else None)
 
-    def tuned(concept: str, strengths: Sequence[float], specs: list[PromptSpec]) -> dict:
-        trials = {strength: painted(concept, strength, specs, TUNING_SEEDS) for strength in strengths}
+    def tuned(concept: str, strengths: Sequence[float], specs: list[PromptSpec], footprint: bool = False) -> dict:
+        trials = {strength: painted(concept, strength, specs, TUNING_SEEDS, footprint) for strength in strengths}
         best = max(trials, key=lambda s: (trials[s]["rate"] + trials[s]["style_kept"]) / 2)
-        return {"strength": best, "tuning": {str(s): trials[s] for s in strengths}}
+        heldout = painted(concept, best, specs, HELDOUT_SEEDS, footprint)
+        return {"strength": best, "tuning": {str(s): trials[s] for s in strengths}, "heldout": heldout}
 
     for index, concept in enumerate(objects):
         if progress:
@@ -125,9 +135,8 @@ def measure_paint(
         into_others = _prompts(studio, others, prompts, shift=index)
         own = _prompts(studio, [concept], prompts, shift=index)
         insertion = tuned(concept, INSERTION_STRENGTHS, into_others)
-        insertion["heldout"] = painted(concept, insertion["strength"], into_others, HELDOUT_SEEDS)
+        footprint = tuned(concept, FOOTPRINT_STRENGTHS, into_others, footprint=True) if bundle.footprints else None
         local = tuned(concept, LOCAL_ERASURE_STRENGTHS, own)
-        local["heldout"] = painted(concept, local["strength"], own, HELDOUT_SEEDS)
         full = {}
         for intervention in ("steer", "replace"):
             strength = full_erasure_strengths.get(concept, -10.0)
@@ -137,7 +146,12 @@ def measure_paint(
                 "strength": strength if intervention == "steer" else None,
                 **_Judged(images, classifier, detector).rates(own * len(HELDOUT_SEEDS), None),
             }
-        report[concept] = {"insertion": insertion, "local_erasure": local, "full_erasure": full}
+        report[concept] = {
+            "insertion": insertion,
+            "footprint_insertion": footprint,
+            "local_erasure": local,
+            "full_erasure": full,
+        }
 
     def mean(path: Callable[[dict], dict]) -> dict:
         return {name: rounded(value) for name, value in _pooled([path(entry) for entry in report.values()]).items()}
@@ -146,6 +160,7 @@ def measure_paint(
         "objects": report,
         "mean": {
             "insertion": mean(lambda e: e["insertion"]["heldout"]),
+            "footprint_insertion": mean(lambda e: e["footprint_insertion"]["heldout"]) if bundle.footprints else None,
             "local_erasure": mean(lambda e: e["local_erasure"]["heldout"]),
             "full_erasure_steer": mean(lambda e: e["full_erasure"]["steer"]),
             "full_erasure_replace": mean(lambda e: e["full_erasure"]["replace"]),
@@ -158,6 +173,7 @@ def measure_paint(
             "tuning_seeds": list(TUNING_SEEDS),
             "heldout_seeds": list(HELDOUT_SEEDS),
             "insertion_strengths": list(INSERTION_STRENGTHS),
+            "footprint_strengths": list(FOOTPRINT_STRENGTHS),
             "local_erasure_strengths": list(LOCAL_ERASURE_STRENGTHS),
             "steps": world.steps,
             "guidance": world.guidance,

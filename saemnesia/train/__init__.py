@@ -6,7 +6,7 @@ One function per stage, each a CLI command (METHOD sections 2, 3 and 5), each in
    with `Activations` (activations.py). `probe_blocks` (probe.py) measures where concepts can be read.
 2. `train_sae` (unsupervised.py): an unsupervised TopK SAE trained as SAeUron trains it with sparsify.
 3. `compute_stats` (concept_stats.py): mean activation of every latent per concept and step; then
-   `build_dictionary`.
+   `build_dictionary`; `compute_footprints`: each concept's mean reconstruction token by token, for Paint.
 4. `finetune` (supervised.py): SAEmnesia's supervised fine-tuning, binding each concept to its
    dictionary latent.
 5. `centralisation_report` (feature_centralisation.py): how much of each concept's score its single best
@@ -15,7 +15,7 @@ One function per stage, each a CLI command (METHOD sections 2, 3 and 5), each in
 
 from saemnesia.train.activations import LABELS, MANIFEST_FILE, Activations, heldout_images
 from saemnesia.train.collection import LabelledPrompt, collect, labelled_prompts, process_shards
-from saemnesia.train.concept_stats import compute_stats, write_stats
+from saemnesia.train.concept_stats import compute_footprints, compute_stats, write_stats
 from saemnesia.train.feature_centralisation import (
     CENTRALISATION_FILE,
     centralisation,
@@ -57,6 +57,7 @@ __all__ = [
     "centralisation_report",
     "centralisation_table",
     "collect",
+    "compute_footprints",
     "compute_stats",
     "decoder_overlap",
     "evaluate_sae",

@@ -9,7 +9,13 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from saemnesia.concepts import ConceptDictionary, ConceptStats, build_dictionary, concept_stats_from_activations
+from saemnesia.concepts import (
+    ConceptDictionary,
+    ConceptFootprints,
+    ConceptStats,
+    build_dictionary,
+    concept_stats_from_activations,
+)
 from saemnesia.sae import Sae
 from saemnesia.studio import DICTIONARY_FILE, STATS_FILE
 from saemnesia.train.activations import OBJECT, STEP, STYLE, Activations, image_buffers
@@ -36,6 +42,31 @@ def compute_stats(
     return concept_stats_from_activations(
         sae, batches(), activations.concepts, activations.kinds, activations.timesteps
     )
+
+
+@torch.no_grad()
+def compute_footprints(
+    sae: Sae, activations: Activations, block: str, kind: str, batch_size: int = 64, progress: bool = True
+) -> ConceptFootprints:
+    """ConceptFootprints of the `kind`'s concepts (object or style), from the SAE's reconstruction of every
+    collected image. Each concept's mean runs over its images at each step; the mean it is set against gives
+    every other concept of its kind equal weight."""
+    names = activations.objects if kind == "object" else activations.styles
+    column = OBJECT if kind == "object" else STYLE
+    num_steps = len(activations.timesteps)
+    sums = torch.zeros(len(names) * num_steps, activations.tokens_per_image(block), activations.width(block))
+    counts = torch.zeros(len(names) * num_steps)
+    everything = torch.ones(activations.num_images, dtype=torch.bool)
+    buffers = image_buffers(activations, block, everything)
+    for tokens, labels in tqdm(buffers, total=activations.num_shards, desc="footprints", disable=not progress):
+        rows = labels[:, column] * num_steps + labels[:, STEP]
+        for start in range(0, len(rows), batch_size):
+            part = slice(start, start + batch_size)
+            sums.index_add_(0, rows[part], sae(tokens[part].to(sae.W_dec.device).float()).float().cpu())
+        counts.index_add_(0, rows, torch.ones(len(rows)))
+    means = (sums / counts.clamp_min(1)[:, None, None]).unflatten(0, (len(names), num_steps))
+    others = (means.sum(0, keepdim=True) - means) / max(1, len(names) - 1)
+    return ConceptFootprints(list(names), activations.timesteps.clone(), means - others)
 
 
 def write_stats(
