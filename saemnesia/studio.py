@@ -20,6 +20,7 @@ from saemnesia.erase import (
     INTERVENTIONS,
     METHODS,
     PER_RULE,
+    Paint,
     ReplaceRule,
     check_strength,
     footprint_edit,
@@ -82,6 +83,14 @@ class SaeBundle:
         footprints = ConceptFootprints.load(footprints_path) if footprints_path.is_file() else None
         stats = ConceptStats.load(folder / STATS_FILE)
         return cls(Sae.load(folder, device, dtype), block, stats, dictionary, footprints=footprints)
+
+    def paint(
+        self, concept: str, latent: int, strength: float, mask: torch.Tensor, steps: tuple[int, int], footprint: bool
+    ) -> Paint:
+        """The `Paint` of `latent` in `concept`'s units, or with `footprint` of `concept`'s footprint."""
+        if footprint:
+            return footprint_edit(self.footprints, concept, latent, strength, mask, steps)
+        return paint_edit(self.stats, concept, latent, strength, mask, steps)
 
 
 def _load_fitted(pipeline: StableDiffusionPipeline, folder: Path, block: str) -> SaeBundle:
@@ -399,12 +408,7 @@ class Studio:
         if first_step > last_step:
             raise SettingsError(f"the first painted step ({first_step}) is after the last ({last_step}).")
         try:
-            steps = (first_step, last_step)
-            paint = (
-                footprint_edit(bundle.footprints, concept, latent, strength, token_mask, steps)
-                if footprint
-                else paint_edit(bundle.stats, concept, latent, strength, token_mask, steps)
-            )
+            paint = bundle.paint(concept, latent, strength, token_mask, (first_step, last_step), footprint)
         except ValueError as error:
             raise SettingsError(str(error)) from None
         return self.generate([prompt], [SaeHook(bundle.block, bundle.sae, None, record, paint=paint)], seed)

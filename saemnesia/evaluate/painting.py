@@ -22,7 +22,6 @@ from collections.abc import Callable, Sequence
 import torch
 from PIL import Image
 
-from saemnesia.erase import footprint_edit, paint_edit
 from saemnesia.evaluate.metrics import mean_of_known, rounded
 from saemnesia.evaluate.protocol import PromptSpec
 from saemnesia.generate import SaeHook
@@ -113,12 +112,7 @@ def measure_paint(
     def painted(
         concept: str, strength: float, specs: list[PromptSpec], seeds: Sequence[int], footprint: bool = False
     ) -> dict:
-        latent = bundle.dictionary.latent(concept)
-        paint = (
-            footprint_edit(bundle.footprints, concept, latent, strength, region, steps)
-            if footprint
-            else paint_edit(bundle.stats, concept, latent, strength, region, steps)
-        )
+        paint = bundle.paint(concept, bundle.dictionary.latent(concept), strength, region, steps, footprint)
         images = _generate(studio, specs, [SaeHook(bundle.block, bundle.sae, paint=paint)], seeds)
         return _Judged(images, classifier, detector).rates(specs * len(seeds), concept if strength > 0 else None)
 
