@@ -2,6 +2,7 @@
 
 import copy
 import dataclasses
+import functools
 import json
 import shutil
 
@@ -565,6 +566,31 @@ def test_parts_side_by_side_then_one_run_give_the_same_results(quick_run, tmp_pa
     assert after["methods"] == first["methods"] and after["chance"] == first["chance"]
     with pytest.raises(ValueError, match="part must be I/N"):
         make_plan(studio.world, QUICK, (3, 2))
+
+
+def test_sequential_parts_after_the_concepts_parts_leave_the_last_run_nothing_to_make(quick_run, tmp_path):
+    studio, classifier, _, first = quick_run
+    cache, detector = tmp_path / "cache.jsonl", tiny_artifact_detector()
+    run = functools.partial(
+        evaluate, studio, classifier, QUICK, cache=cache, progress=False, artifact_detector=detector
+    )
+    for index in (1, 2):
+        run(part=(index, 2))
+    shares = [run(part=(index, 2), sequential=True) for index in (1, 2)]
+    steps = [len(erased) for erased in make_plan(studio.world, QUICK).sequential]
+    assert len(steps) > 1 and [share["sequential_steps"] for share in shares] == [steps[0::2], steps[1::2]]
+    assert shares[1]["concepts"] == make_plan(studio.world, QUICK).concepts[: steps[1]]  # the objects its step erases
+    # step 1 erases the first object alone, its held-out images: only step 2 has images of its own to write
+    assert (tmp_path / "cache.part-sequential-2-of-2.jsonl").is_file()
+    after = run()
+    assert after["images"]["generated"] == 0
+    assert after["methods"] == first["methods"] and after["chance"] == first["chance"]
+    assert not make_plan(studio.world, QUICK, (2, 2), sequential=True).chance
+
+
+def test_evaluate_command_refuses_sequential_without_a_part():
+    with pytest.raises(SystemExit, match="give --part I/N too"):
+        cli.main(["evaluate", "--quick", "--sequential", "--classifier", "x"])
 
 
 def test_a_retrained_saemnesia_sae_remakes_only_saemnesia_images(quick_run, monkeypatch, tmp_path):

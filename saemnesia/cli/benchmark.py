@@ -17,6 +17,8 @@ def _evaluate(args: argparse.Namespace) -> None:
     from saemnesia.evaluate import PROTOCOLS, evaluate, results_table, write_results
     from saemnesia.minicanvas.classifier import NO_OBJECT, load_classifier
 
+    if args.sequential and not args.part:
+        raise SystemExit("--sequential shares the sequential erasure between processes: give --part I/N too.")
     protocol = PROTOCOLS["quick" if args.quick else args.protocol]
     # Variants get their own names, so their files sit beside the protocol's results instead of replacing them.
     if args.tuning_seeds is not None:
@@ -70,7 +72,14 @@ def _evaluate(args: argparse.Namespace) -> None:
         nothing = load_classifier(folder, device=studio.pipeline.device) if folder else None
     cache = Path(args.cache or f"runs/{studio.world.name}-eval-cache.jsonl")
     results = evaluate(
-        studio, classifier, protocol, cache, artifact_detector=detector, part=args.part, nothing_classifier=nothing
+        studio,
+        classifier,
+        protocol,
+        cache,
+        artifact_detector=detector,
+        part=args.part,
+        nothing_classifier=nothing,
+        sequential=args.sequential,
     )
     if args.part:
         print(json.dumps(results, indent=1))
@@ -321,6 +330,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         metavar="I/N",
         help="make only the I-th of N shares of the images, into a file of its own beside the cache (run N at once,"
         " one torch thread each, then once without --part for the results)",
+    )
+    evaluate.add_argument(
+        "--sequential",
+        action="store_true",
+        help="with --part, a share of the sequential erasure steps instead of the concepts: for after the concepts'"
+        " parts, so that the run without --part has only the results left to write",
     )
     evaluate.add_argument(
         "--tuning-seeds", type=int, help="search strengths on this many seeds from 50000 (default: the protocol's 1)"

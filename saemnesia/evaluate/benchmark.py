@@ -110,6 +110,7 @@ def evaluate(
     artifact_detector: ArtifactDetector | None = None,
     part: tuple[int, int] | None = None,
     nothing_classifier: MiniCanvasClassifier | None = None,
+    sequential: bool = False,
 ) -> dict:
     """Run the benchmark (strength search, held-out report, sequential erasure) and return the results JSON.
 
@@ -121,11 +122,12 @@ def evaluate(
     guidance: guidance > 1.
     With `part` (index, count) it makes only that share of the images (`make_plan`) into its own file beside
     `cache` and returns what it did, not results: run it in as many processes as cores, then once without
-    `part`, which finds every part's verdicts and makes the rest.
+    `part`, which finds every part's verdicts and makes the rest. With `sequential` too, the part is a share of
+    the sequential erasure steps instead, for after the concepts' parts (`make_plan`).
     """
     began = time.time()
     world = studio.world
-    plan = make_plan(world, protocol, part)
+    plan = make_plan(world, protocol, part, sequential)
     _check_ready(studio, classifier, plan.concepts)
     if protocol.start_step >= world.steps:
         raise ValueError(
@@ -141,9 +143,10 @@ def evaluate(
         tags |= {method: f"{tags[method]}-from-step-{protocol.start_step}" for method in METHODS}
     tags[CHANCE] = tags[UNTOUCHED]
     logger.info("%d images planned (%s protocol)", plan.images, protocol.name)
-    name = protocol.name if part is None else f"{protocol.name}, part {part[0]} of {part[1]}"
+    share = "sequential part" if sequential else "part"
+    name = protocol.name if part is None else f"{protocol.name}, {share} {part[0]} of {part[1]}"
     bar = tqdm(total=plan.images, desc=f"evaluate ({name})", unit="image", disable=not progress)
-    judge = Judge(studio, classifier, VerdictCache(cache, tags, part), bar, protocol, **judges)
+    judge = Judge(studio, classifier, VerdictCache(cache, tags, part, sequential), bar, protocol, **judges)
     chance = _chance(judge, protocol, plan)
     untouched = {(j.seed, j.prompt): j for j in judge.images(None, (), plan.untouched_seeds, plan.grid)}
 
@@ -162,12 +165,15 @@ def evaluate(
             )
             search_seconds[key] += judge.seconds - seconds_before
     if part is not None:
+        for key in keys if plan.sequential else ():
+            _sequential(judge, protocol, plan, untouched, chosen[key])
         bar.close()
         return {
             "world": world.name,
             "protocol": protocol.name,
             "part": list(part),
             "concepts": plan.concepts,
+            "sequential_steps": [len(erased) for erased in plan.sequential],
             "images": {"planned": plan.images, "generated": judge.generated, "from_cache": judge.from_cache},
             "wall_time_s": round(time.time() - began, 2),
         }

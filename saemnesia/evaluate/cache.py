@@ -48,8 +48,14 @@ class VerdictCache:
     processes that share the work never write to one file.
     """
 
-    def __init__(self, path: Path | None, fingerprints: dict[str, str], part: tuple[int, int] | None = None):
-        self.path = path if path is None or part is None else part_path(path, part)
+    def __init__(
+        self,
+        path: Path | None,
+        fingerprints: dict[str, str],
+        part: tuple[int, int] | None = None,
+        sequential: bool = False,
+    ):
+        self.path = path if path is None or part is None else part_path(path, part, sequential)
         self.fingerprints = fingerprints
         self.records: dict[tuple, dict] = {}
         if path is None:
@@ -80,10 +86,12 @@ class VerdictCache:
                 handle.write("".join(json.dumps(record) + "\n" for record in records))
 
 
-def part_path(cache: Path, part: tuple[int, int]) -> Path:
-    """The file one part of a shared run writes its verdicts to, beside the cache every part reads."""
+def part_path(cache: Path, part: tuple[int, int], sequential: bool = False) -> Path:
+    """The file one part of a shared run writes its verdicts to, beside the cache every part reads; a part of the
+    sequential erasure has a file of its own, so it may run beside the concepts' part of the same number."""
     index, count = part
-    return cache.with_name(f"{cache.stem}.part-{index}-of-{count}{cache.suffix}")
+    share = "sequential-" if sequential else ""
+    return cache.with_name(f"{cache.stem}.part-{share}{index}-of-{count}{cache.suffix}")
 
 
 def fingerprint(

@@ -210,18 +210,27 @@ def erasure_prompts(world: World, concept: str, concept_count: int, other_count:
     return balanced_prompts(world, [concept], concept_count) + balanced_prompts(world, others, other_count)
 
 
-def make_plan(world: World, protocol: Protocol, part: tuple[int, int] | None = None) -> Plan:
+def make_plan(world: World, protocol: Protocol, part: tuple[int, int] | None = None, sequential: bool = False) -> Plan:
     """The protocol's images; with `part` (index from 1, count) one share of the work that processes run side by
     side: every count-th erased concept from the index-th, the chance ceiling in the first part only, and no
-    sequential erasure (it needs every concept's tuned setting: the run without `part` makes it)."""
+    sequential erasure (it needs every erased object's tuned setting). With `sequential` too, the share is instead
+    every count-th step of sequential erasure from the index-th, with the objects those steps erase (their search
+    and held-out images, which the concepts' parts have made by then). The run without `part` makes what is left."""
     objects = list(world.objects[: protocol.objects_erased])
     styles = list(world.styles[: protocol.styles_erased])
+    every_step = min(protocol.sequential_steps, len(objects), len(world.objects) - 1)
+    sequential_steps = [list(world.objects[:count]) for count in range(1, every_step + 1)]
     if part is not None:
         index, count = part
         if not 1 <= index <= count:
             raise ValueError(f"part must be I/N with 1 <= I <= N, got {index}/{count}.")
-        shared = (objects + styles)[index - 1 :: count]
-        objects, styles = [c for c in objects if c in shared], [c for c in styles if c in shared]
+        if sequential:
+            sequential_steps = sequential_steps[index - 1 :: count]
+            objects, styles = objects[: max(map(len, sequential_steps), default=0)], []
+        else:
+            sequential_steps = []
+            shared = (objects + styles)[index - 1 :: count]
+            objects, styles = [c for c in objects if c in shared], [c for c in styles if c in shared]
     grid = grid_prompts(
         world, protocol.grid_objects, protocol.grid_styles, protocol.plain_template, protocol.grid_templates
     )
@@ -232,20 +241,19 @@ def make_plan(world: World, protocol: Protocol, part: tuple[int, int] | None = N
         concept: erasure_prompts(world, concept, protocol.tuning_concept_prompts, protocol.tuning_other_prompts)
         for concept in objects + styles
     }
-    steps = 0 if part else min(protocol.sequential_steps, len(objects), len(world.objects) - 1)
-    sequential = [list(world.objects[:count]) for count in range(1, steps + 1)]
-    untouched_seeds = list(dict.fromkeys((*protocol.heldout_seeds, *(protocol.sequential_seeds if sequential else ()))))
-    chance_objects = [] if part and part[0] > 1 else world.objects[: protocol.objects_erased]
+    sequential_seeds = protocol.sequential_seeds if sequential_steps else ()
+    untouched_seeds = list(dict.fromkeys((*protocol.heldout_seeds, *sequential_seeds)))
+    chance_objects = [] if part and (part[0] > 1 or sequential) else world.objects[: protocol.objects_erased]
     chance = [spec for spec in grid if spec.object in chance_objects]
     images = len(protocol.tuning_seeds) * sum(
         len(specs) * trials_of(protocol, method, intervention, world.kind_of(concept))
         for concept, specs in tuning.items()
         for method, intervention in protocol.pipelines
     )
-    erasures = len(tuning) * len(protocol.heldout_seeds) + len(sequential) * len(protocol.sequential_seeds)
+    erasures = len(tuning) * len(protocol.heldout_seeds) + len(sequential_steps) * len(protocol.sequential_seeds)
     images += len(grid) * (erasures * len(protocol.pipelines) + len(untouched_seeds))
     images += len(chance) * len(protocol.heldout_seeds)
-    return Plan(objects + styles, tuning, grid, sequential, untouched_seeds, chance, images)
+    return Plan(objects + styles, tuning, grid, sequential_steps, untouched_seeds, chance, images)
 
 
 def trials_of(protocol: Protocol, method: str, intervention: str, kind: str) -> int:
