@@ -193,7 +193,7 @@ class ConceptFootprints:
     concept's images, token by token at each sampler step, minus the mean over the other concepts of its kind.
 
     Paint adds a footprint to draw a concept where none was asked for. One latent's decoder row, the same on every
-    token, cannot do that: on MiniCanvas 64 painting a supervised object latent never made the classifier see the
+    token, cannot do that: on MiniCanvas painting a supervised object latent never made the classifier see the
     painted object, while its footprint, which holds the object's shape, does (docs/neurons.md, "A concept's
     footprint")."""
 

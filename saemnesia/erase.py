@@ -42,7 +42,7 @@ class ReplaceRule:
     (`python -m saemnesia compare-replacements`, docs/per.md); the rest stay so that anyone can measure again."""
 
     sticky: bool = True
-    """Ours: a token detected at one step stays detected for the rest of the generation. On a 4 x 4 block
+    """Ours: a token detected at one step stays detected for the rest of the generation. On a coarse block
     the detection flickers, and a token let go returns the concept to the next steps."""
     fallback: str = "unconditional"
     """A map whose every token is detected has nothing of its own to sample from. `none` leaves it as it is

@@ -140,12 +140,12 @@ class World:
 
 
 def minicanvas_world(
-    canvas: minicanvas_data.Canvas, object_block: str, style_block: str, examples: tuple[str, ...]
+    canvas: minicanvas_data.Canvas, folder: str, object_block: str, style_block: str, examples: tuple[str, ...]
 ) -> World:
-    """A MiniCanvas world: its concepts, prompts and size from the canvas, its assets in `assets/<canvas name>`."""
+    """A MiniCanvas world: its concepts, prompts and size from the canvas, its assets in `assets/<folder>`."""
     return World(
         name=canvas.name,
-        model=str(ASSETS / canvas.name / "model"),
+        model=str(ASSETS / folder / "model"),
         object_block=object_block,
         style_block=style_block,
         objects=canvas.objects,
@@ -155,25 +155,16 @@ def minicanvas_world(
         guidance=5.0,
         height=canvas.image_size,
         width=canvas.image_size,
-        assets=ASSETS / canvas.name,
+        assets=ASSETS / folder,
         examples=examples,
         canvas=canvas,
     )
 
 
 MINICANVAS = minicanvas_world(
-    minicanvas_data.CANVAS_32,
-    # Chosen by measurement (README, "Hook points"): `probe-blocks` reads the object from 98.8% of
-    # held-out images at up_blocks.0.attentions.0 and the style from only 88.3%, and `ablate-blocks`
-    # shows the images need that block for their object (15% survive its ablation) but not for their
-    # style; the benchmark erases objects there with less harm to the others than one block later,
-    # where the style is fully readable. The style needs up_blocks.1.attentions.1 (25% survive).
-    object_block="up_blocks.0.attentions.0",
-    style_block="up_blocks.1.attentions.1",
-    examples=("a star in neon style", "zebra picture of a heart", "a house in ocean style", "a polka tree"),
-)
-MINICANVAS_64 = minicanvas_world(
     minicanvas_data.CANVAS,
+    # The folder is named for the images' size, as it was while the first MiniCanvas (32 pixels) shipped beside it.
+    folder="minicanvas-64",
     # Chosen by measurement (docs/training.md, "Hook points"): the object is read from 99.5% of held-out images at
     # up_blocks.1.attentions.0 (8 x 8 tokens) and the images need it there (7.5% survive its ablation), while
     # their style needs it least of the up blocks (61% survive); the style needs up_blocks.2.attentions.1
@@ -226,7 +217,7 @@ def stable_diffusion_world(model: str = SD_MODELS["sd14"], assets: Path | None =
     )
 
 
-WORLDS = {"minicanvas": MINICANVAS, "minicanvas-64": MINICANVAS_64, "sd": stable_diffusion_world()}
+WORLDS = {"minicanvas": MINICANVAS, "sd": stable_diffusion_world()}
 
 
 def random_pipeline(

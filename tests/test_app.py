@@ -5,17 +5,13 @@ import shutil
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
-import gradio as gr
 import pytest
 from conftest import index_tiny_studio
 from gradio_client import Client
 
 import app as studio_app
 from saemnesia.evaluate import DEFAULT_STRENGTH, result_set_label
-from saemnesia.worlds import MINICANVAS
-from ui.metrics import result_set_view
 from ui.shared import tuned_settings
 
 
@@ -197,14 +193,6 @@ def test_neuron_tools(client):
     assert {row[0] for row in table["data"]} >= {"star", "circle", "heart", "neon", "sketch"}
     profile = client.predict("star", api_name="/score_profile")
     assert profile is not None
-
-
-def test_metrics_show_any_cached_result_set_with_its_plots():
-    table, curves, sequential = result_set_view(MINICANVAS, "standard")
-    assert "standard protocol" in table and "| SAEmnesia | objects |" in table
-    assert (Path(curves).name, Path(sequential).name) == ("strength-curves-standard.png", "sequential-standard.png")
-    with pytest.raises(gr.Error, match="No result set 'fastest'"):
-        result_set_view(MINICANVAS, "fastest")
 
 
 def test_result_sets_are_named_in_plain_words_from_their_name_parts():

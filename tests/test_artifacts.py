@@ -5,6 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import MINICANVAS_32
 from PIL import Image
 
 from saemnesia.cli import main
@@ -23,9 +24,9 @@ from saemnesia.minicanvas.artifacts import (
 )
 from saemnesia.minicanvas.corruptions import CORRUPTIONS, MIN_CHANGE, colour_noise, corrupt
 from saemnesia.minicanvas.data import CANVAS_32 as canvas
-from saemnesia.worlds import ASSETS, MINICANVAS
+from saemnesia.worlds import MINICANVAS
 
-SHIPPED = ASSETS / "minicanvas" / "artifact-detector"
+SHIPPED = MINICANVAS.assets / "artifact-detector"
 TINY = ArtifactDetectorConfig(channels=(4, 8, 8))
 
 
@@ -80,7 +81,7 @@ def test_wrong_or_corrupt_checkpoints_are_refused_with_the_fix(tmp_path):
 
 def test_a_classifier_checkpoint_is_not_taken_for_a_detector():
     with pytest.raises(ArtifactDetectorLoadError, match="not an artifact detector"):
-        ArtifactDetector.load(ASSETS / "minicanvas" / "classifier")
+        ArtifactDetector.load(MINICANVAS.assets / "classifier")
 
 
 @pytest.mark.parametrize("name", list(CORRUPTIONS))
@@ -163,7 +164,7 @@ def fake_studio(calls: list) -> SimpleNamespace:
             images.append(canvas.draw_pil(object_name, style, seed))
         return SimpleNamespace(erased=images)
 
-    return SimpleNamespace(world=MINICANVAS, generate=generate)
+    return SimpleNamespace(world=MINICANVAS_32, generate=generate)
 
 
 def test_untouched_generations_cover_every_pair_at_every_seed():
@@ -205,7 +206,8 @@ def test_grid_command_prints_the_floor_and_writes_the_grid(tmp_path, monkeypatch
     assert report["untouched_floor"]["images"] == 100 and report["untouched_floor"]["seeds"] == [90_000]
     assert report["grid"] == str(grid)
     with Image.open(grid) as sheet:
-        assert sheet.width == 10 * 96 and sheet.height > 2 * 96
+        cell = 3 * MINICANVAS.width  # the world's drawings, enlarged 3 times
+        assert sheet.width == 10 * cell and sheet.height > 2 * cell
 
 
 def test_grid_command_refuses_an_unreadable_image(tmp_path):

@@ -6,9 +6,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import MINICANVAS_32
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from saemnesia import worlds
 from saemnesia.cli import main
 from saemnesia.minicanvas.classifier import (
     NO_OBJECT,
@@ -23,7 +25,6 @@ from saemnesia.minicanvas.classifier import (
     world_quality,
 )
 from saemnesia.minicanvas.data import CANVAS_32 as canvas
-from saemnesia.worlds import MINICANVAS
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +187,7 @@ def test_classify_command_refuses_missing_or_unreadable_images(tmp_path, trained
 def tiny_world(**changes):
     """MiniCanvas cut to 2 objects x 2 styles and 2 sampling steps."""
     return dataclasses.replace(
-        MINICANVAS, **{"objects": ("star", "circle"), "styles": ("neon", "sketch"), "steps": 2, **changes}
+        MINICANVAS_32, **{"objects": ("star", "circle"), "styles": ("neon", "sketch"), "steps": 2, **changes}
     )
 
 
@@ -208,7 +209,8 @@ def test_world_quality_refuses_concepts_the_classifier_does_not_know(tiny_pipeli
         world_quality(tiny_pipeline, load_classifier(trained_folder), tiny_world(objects=("dragon",)), seeds=(0,))
 
 
-def test_world_quality_command_runs_on_a_saved_tiny_model(tmp_path, tiny_pipeline, trained_folder, capsys):
+def test_world_quality_command_runs_on_a_saved_tiny_model(tmp_path, tiny_pipeline, trained_folder, capsys, monkeypatch):
+    monkeypatch.setitem(worlds.WORLDS, "minicanvas", MINICANVAS_32)  # the tiny classifier knows the first world's
     tiny_pipeline.save_pretrained(tmp_path / "model")
     out, grid = tmp_path / "quality.json", tmp_path / "samples.png"
     main(

@@ -6,6 +6,7 @@ import functools
 import json
 import shutil
 
+import gradio as gr
 import numpy as np
 import pytest
 import torch
@@ -55,9 +56,11 @@ from saemnesia.generate import sampler_timesteps
 from saemnesia.minicanvas import classifier as classifier_module
 from saemnesia.minicanvas.artifacts import ArtifactDetector, ArtifactDetectorConfig
 from saemnesia.minicanvas.classifier import NO_OBJECT, ClassifierConfig, MiniCanvasClassifier, Verdict
+from saemnesia.minicanvas.data import CANVAS_32
 from saemnesia.replace_rules import DETECTION_SHARES, RULE_METRICS, RULES, compare_replace_rules, write_comparison
 from saemnesia.studio import SaeBundle, Studio
-from saemnesia.worlds import MINICANVAS, MINICANVAS_64
+from saemnesia.worlds import MINICANVAS, WORLDS
+from ui.metrics import result_set_view
 
 TINY_WORLD = make_tiny_world()
 
@@ -292,14 +295,14 @@ def test_search_grids_give_saeuron_three_feature_counts_of_the_seven_strengths_o
 
 
 def test_prompts_are_balanced_and_distinct():
-    prompts = balanced_prompts(MINICANVAS, MINICANVAS.objects, 100)
+    prompts = balanced_prompts(MINICANVAS, MINICANVAS.objects, 200)
     assert {(p.object, p.style) for p in prompts} == {(o, s) for o in MINICANVAS.objects for s in MINICANVAS.styles}
-    every = balanced_prompts(MINICANVAS, ["neon"], 1000)
-    assert len(every) == len({p.text for p in every}) == 30 and {p.style for p in every} == {"neon"}
+    every = balanced_prompts(MINICANVAS, ["neon"], 1000)  # 20 objects x 5 templates
+    assert len(every) == len({p.text for p in every}) == 100 and {p.style for p in every} == {"neon"}
 
 
 def test_the_heldout_grid_holds_every_cell_once_its_templates_turning_and_the_unstyled_row():
-    world = MINICANVAS_64  # 20 objects x 10 styles, 5 templates; no model is loaded
+    world = MINICANVAS  # 20 objects x 10 styles, 5 templates; no model is loaded
     grid = grid_prompts(world)
     cells = [(spec.object, spec.style) for spec in grid]
     assert len(cells) == len(set(cells)) == 20 * 10 + 20
@@ -321,10 +324,9 @@ def test_the_heldout_grid_holds_every_cell_once_its_templates_turning_and_the_un
 def test_protocol_image_counts_match_the_documented_budget():
     # Tuning: concepts x prompts x trials (SAEmnesia 7, SAeUron 21, SAeUron's replace 3); then the grid's cells x
     # (one erasure a concept and 9 sequential steps) x 4 pipelines, the untouched grid and the chance prompts.
-    assert planned_images(MINICANVAS, FULL) == 20 * 20 * 31 + 110 * (20 + 9) * 4 + 110 + 110 == 25_380
+    assert planned_images(MINICANVAS, FULL) == 30 * 20 * 31 + 220 * (30 + 9) * 4 + 220 + 220 == 53_360
     steer = dataclasses.replace(FULL, interventions=("steer",))
-    assert planned_images(MINICANVAS, steer) == 20 * 20 * 28 + 110 * (20 + 9) * 2 + 110 + 110 == 17_800
-    assert planned_images(MINICANVAS_64, FULL) == 30 * 20 * 31 + 220 * (30 + 9) * 4 + 220 + 220 == 53_360
+    assert planned_images(MINICANVAS, steer) == 30 * 20 * 28 + 220 * (30 + 9) * 2 + 220 + 220 == 34_400
     assert planned_images(MINICANVAS, QUICK) == 5 * 6 * 31 + 9 * (5 + 3) * 4 + 9 + 9 == 1_236
     with pytest.raises(ValueError, match="must hold every erased concept"):
         planned_images(MINICANVAS, dataclasses.replace(QUICK, grid_objects=2))
@@ -514,7 +516,7 @@ def test_edit_coverage_splits_the_heldout_images_as_the_benchmark_judged_them(qu
         assert grid.height == max(1, survivors * 3 * TINY_WORLD.height)
 
 
-def test_quick_mode_writes_json_table_and_plots(quick_run, tmp_path):
+def test_quick_mode_writes_json_table_and_plots_the_metrics_tab_shows(quick_run, tmp_path):
     _, _, _, results = quick_run
     paths = write_results(results, tmp_path / "results")
     assert paths == result_paths(tmp_path / "results", "quick")
@@ -526,6 +528,11 @@ def test_quick_mode_writes_json_table_and_plots(quick_run, tmp_path):
     assert table == results_table(results)
     assert "| SAEmnesia | objects |" in table and "94.65 | 91.39 | 88.48 | 91.51" in table
     assert "| SAeUron | styles |" in table and "95.80 | 99.10 | 99.40" in table
+    # the Metrics tab finds the set in the world's results and shows it with its plots
+    world = dataclasses.replace(TINY_WORLD, assets=tmp_path)
+    assert result_set_view(world, "quick") == (table, str(paths["strength_curves"]), str(paths["sequential"]))
+    with pytest.raises(gr.Error, match="No result set 'fastest': the cached ones are quick"):
+        result_set_view(world, "fastest")
 
 
 def test_rerun_takes_every_image_from_the_cache(quick_run, monkeypatch):
@@ -705,15 +712,11 @@ def test_evaluate_command_reports_on_other_seeds_or_tie_rule_under_its_own_name(
 
 def test_evaluate_command_reports_on_held_out_templates_under_its_own_name(monkeypatch, tmp_path):
     seen = protocols_evaluated(monkeypatch)
-    with pytest.raises(SystemExit, match="World 'minicanvas' has no held-out templates"):
-        cli.main(["evaluate", "--quick", "--held-out-templates", "--out", str(tmp_path), "--classifier", "x"])
-    cli.main(
-        ["evaluate", "--quick", "--world", "minicanvas-64", "--held-out-templates", "--out", str(tmp_path)]
-        + ["--classifier", "x"]
-    )
+    command = ["evaluate", "--quick", "--held-out-templates", "--out", str(tmp_path), "--classifier", "x"]
+    cli.main(command)
     assert seen[0].name == "quick-held-out-templates"
-    assert seen[0].grid_templates == MINICANVAS_64.canvas.held_out_templates
-    world = dataclasses.replace(MINICANVAS_64, assets=None)
+    assert seen[0].grid_templates == MINICANVAS.canvas.held_out_templates
+    world = dataclasses.replace(MINICANVAS, assets=None)
     cells = make_plan(world, seen[0]).grid
     assert {spec.text for spec in cells} >= {
         "a circle image in sunset style.",
@@ -723,6 +726,9 @@ def test_evaluate_command_reports_on_held_out_templates_under_its_own_name(monke
     assert result_set_label("quick-held-out-templates") == (
         "quick-held-out-templates: reported on prompts in templates the model never saw"
     )
+    monkeypatch.setitem(WORLDS, "minicanvas", dataclasses.replace(MINICANVAS, canvas=CANVAS_32))
+    with pytest.raises(SystemExit, match="World 'minicanvas' has no held-out templates"):
+        cli.main(command)
 
 
 def test_evaluate_command_erases_at_extra_blocks_under_its_own_name(monkeypatch, tmp_path):

@@ -71,7 +71,7 @@ def test_minicanvas_folder_loads_in_plain_diffusers_and_draws_the_apps_image(tmp
         generator=torch.Generator().manual_seed(3),
     ).images
     plain = np.load(tmp_path / "plain.npy")
-    assert plain.shape == (1, 32, 32, 3) and plain.std() > 0.01
+    assert plain.shape == (1, 64, 64, 3) and plain.std() > 0.01
     assert np.array_equal(plain, ours)
 
 

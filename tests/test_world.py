@@ -1,4 +1,4 @@
-"""MiniCanvas 64: its drawings, told apart by its classifier, and the design's measured cost."""
+"""MiniCanvas: its drawings, told apart by its classifier, and the design's measured cost."""
 
 import json
 
@@ -9,7 +9,7 @@ import torch
 from saemnesia.minicanvas.classifier import classify, load_classifier
 from saemnesia.minicanvas.data import CANVAS, CANVAS_32
 from saemnesia.minicanvas.model import Design, build_tokenizer, step_seconds
-from saemnesia.worlds import MINICANVAS_64
+from saemnesia.worlds import MINICANVAS
 
 TINY_DESIGN = Design(
     CANVAS_32, (16, 32), ("DownBlock2D", "CrossAttnDownBlock2D"), ("CrossAttnUpBlock2D", "UpBlock2D"), train_steps=3
@@ -25,7 +25,7 @@ def test_step_seconds_measures_a_design_and_names_its_grids():
 def test_every_object_and_style_of_the_64_pixel_canvas_is_told_apart_by_its_classifier():
     """Fresh drawings (seeds no training drew), every object in every style: each object and each style named
     right at least 95% of the time."""
-    classifier = load_classifier(MINICANVAS_64.assets / "classifier")
+    classifier = load_classifier(MINICANVAS.assets / "classifier")
     cells = [(o, s, seed) for o in CANVAS.objects for s in CANVAS.styles for seed in (2**31 - 1, 2**31 - 2)]
     verdicts = classify(classifier, [CANVAS.draw_pil(o, s, seed) for o, s, seed in cells])
     for name, position in [(o, 0) for o in CANVAS.objects] + [(s, 1) for s in CANVAS.styles]:

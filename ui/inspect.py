@@ -12,7 +12,7 @@ from ui.shared import PIXELS, default_concept
 
 RUN_CHOICES = [pipeline_key(m, i) for i in ("replace", "steer") for m in ("saemnesia", "saeuron")]
 MAP_SIZE = 384
-"""Side in pixels of a map: a 32-pixel image enlarged 12 times, about a third of a 1280-pixel page."""
+"""Side in pixels of a map: a 64-pixel image enlarged 6 times, about a third of a 1280-pixel page."""
 
 
 def inspect_tab(studio: Studio, last_run: gr.State) -> None:

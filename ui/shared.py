@@ -9,7 +9,7 @@ from saemnesia.evaluate import setting_or_default
 from saemnesia.heatmaps import upscale
 
 DISPLAY = 256
-"""Side in pixels of an image as the app sends it: a 32-pixel MiniCanvas image enlarged 8 times, each pixel a
+"""Side in pixels of an image as the app sends it: a 64-pixel MiniCanvas image enlarged 4 times, each pixel a
 block (`heatmaps.upscale`), so it stays crisp; CSS keeps the browser from smoothing it again (`PIXELS`)."""
 PIXELS = "pixels"
 """The CSS class of components that show such images (`app.CSS` renders them pixelated)."""

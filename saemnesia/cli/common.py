@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-MINICANVAS_WORLDS = ("minicanvas", "minicanvas-64")
+MINICANVAS_WORLDS = ("minicanvas",)
 """The worlds drawn procedurally, which have a model, classifier and artifact detector of their own."""
 
 

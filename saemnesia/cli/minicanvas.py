@@ -210,7 +210,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     add_canvas_world_argument(train_world)
     train_world.add_argument("--out", help="the model folder (default: the world's)")
     train_world.add_argument("--checkpoint", help="resumable training state (default: runs/<world>-model)")
-    train_world.add_argument("--steps", type=int, help="default: the world's (4,000; 10,000 for minicanvas-64)")
+    train_world.add_argument("--steps", type=int, help="default: the world's (10,000)")
     train_world.add_argument("--batch-size", type=int, default=48)
     train_world.add_argument("--learning-rate", type=float, default=1e-3)
     train_world.add_argument("--seed", type=int, default=0)
@@ -223,7 +223,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     train_world.set_defaults(run=_train_world)
 
     step_cost = commands.add_parser(
-        "world-step-cost", help="seconds per training step of MiniCanvas 64's design and the candidates beside it"
+        "world-step-cost", help="seconds per training step of MiniCanvas's design and the candidates beside it"
     )
     step_cost.add_argument("--batch-size", type=int, default=48)
     step_cost.add_argument("--repeats", type=int, default=5)

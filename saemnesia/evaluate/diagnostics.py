@@ -167,7 +167,7 @@ def chance_ceiling(
     blocks: Sequence[str] | None = None,
 ) -> dict:
     """`chance_survival` of `specs` made from each of `seeds` with `blocks` (default `chance_blocks`) ablated
-    together (METHOD section 10: 10% on MiniCanvas's 10 objects with all seven blocks, exactly chance)."""
+    together (METHOD section 10: 10% on the first MiniCanvas's 10 objects with all seven blocks, exactly chance)."""
     blocks = list(blocks or chance_blocks(studio))
     judged = [j for seed in seeds for j in _ablated_verdicts(studio, classifier, specs, seed, blocks)]
     return chance_survival(judged, blocks)

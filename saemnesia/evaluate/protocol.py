@@ -10,13 +10,12 @@ many prompts a call, all prompts of a call from one seed's noise; seeds are far 
 the statistics (0 to 1199). Counts are for both interventions (steer alone in brackets):
 - full: every object and style erased. Tuning: seed 50000, 10 prompts naming the concept and 10 naming other
   concepts of its kind (partners and templates rotating), 20 images a trial. Held-out: the whole grid at seed
-  60000 for each erasure, and for sequential erasure of 1 to 9 objects. MiniCanvas-64 (20 objects x 10 styles:
+  60000 for each erasure, and for sequential erasure of 1 to 9 objects. MiniCanvas (20 objects x 10 styles:
   220 cells) makes 18,600 tuning images, 26,400 held-out, 7,920 sequential, 220 untouched and 220 for the
   chance ceiling: 53,360 (34,400). A second held-out seed (60001) would make it 80,200, the held-out grid then
-  2.8 times the search, so the grid gets one seed, never fewer cells. MiniCanvas (10 x 10, 110 cells): 25,380
-  (17,800), about 38 minutes steer alone at the 7.8 images/s measured on a 2-core CPU.
-- standard: every object and 4 styles, 6 + 6 tuning prompts, the whole grid at seed 60000: MiniCanvas-64
-  38,408 (23,024), MiniCanvas 15,548 (9,984).
+  2.8 times the search, so the grid gets one seed, never fewer cells.
+- standard: every object and 4 styles, 6 + 6 tuning prompts, the whole grid at seed 60000: MiniCanvas 38,408
+  (23,024).
 - quick: the first 3 objects and 2 styles, erased and gridded (3 x 2 cells and 3 unstyled); tuning 3 + 3
   prompts, seed 60000, sequential 1 to 3 objects: 1,236 images (1,002) in any world of at least 4 objects. A
   demo and a smoke test: too few images to compare methods.

@@ -19,7 +19,7 @@ STYLE_STRENGTHS = (-0.03, -0.1, -0.3, -1.0, -3.0, -10.0, -30.0)
 """The 7 strengths both methods search per concept, one grid per kind, log-spaced (x sqrt(10)).
 
 The edit multiplies a latent by gamma * mu, its mean activation on the concept, so where a method's
-optimum lies depends on its latents' scale. On MiniCanvas's object block an unsupervised latent's mu is
+optimum lies depends on its latents' scale. On the first MiniCanvas's object block an unsupervised latent's mu is
 ~10x smaller than a supervised one's (0.2-0.8 against 1.2-5.3): with the earlier shared grid, -0.03 to
 -30, SAeUron took the strongest -30 for 8 of its 10 objects and, given -100, all 10 there, so the grid
 was capping the baseline. The object grid therefore reaches -1000 (SAeUron now settles at -100 to

@@ -2,16 +2,15 @@
 
 The components are the stock ones (`UNet2DConditionModel`, `CLIPTextModel`, `CLIPTokenizer`,
 `DDIMScheduler`) but the autoencoder. Diffusion runs in pixel space: the "autoencoder" is an exact,
-parameter-free `pixel_unshuffle` (32 x 32 x 3 images become 16 x 16 x 12 latents), which fits the
+parameter-free `pixel_unshuffle` (64 x 64 x 3 images become 32 x 32 x 12 latents), which fits the
 pipeline and costs no training. A saved model carries its code in `vae/` (diffusers' custom-component
 layout), so `StableDiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` loads it in a
 Python that never imported this package. The UNet predicts v on a
 cosine schedule: with epsilon-prediction in pixel space, DDIM's first steps amplify the noise
 estimate's error a hundredfold (the pipeline turns off x0 clipping), and samples came out as noise.
 
-A `Design` says which UNet draws which `Canvas`, by world name: `DESIGNS["minicanvas-64"]` (64 x 64, a
-four-level UNet whose `up_blocks.1` works on an 8 x 8 grid, as Stable Diffusion's does on 16 x 16) and
-`DESIGNS["minicanvas"]` (the first world, 32 x 32, three levels).
+A `Design` says which UNet draws which `Canvas`, by world name: `DESIGNS["minicanvas"]` (64 x 64, a four-level
+UNet whose `up_blocks.1` works on an 8 x 8 grid, as Stable Diffusion's does on 16 x 16).
 """
 
 from __future__ import annotations
@@ -35,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from saemnesia.hooks import block_grid, hook_points
-from saemnesia.minicanvas.data import CANVAS, CANVAS_32, Canvas
+from saemnesia.minicanvas.data import CANVAS, Canvas
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +44,7 @@ TEXT_WIDTH = 128
 @dataclass(frozen=True)
 class Design:
     """A MiniCanvas model's shape: the canvas it draws and its UNet's levels. Latents are the image's pixel blocks
-    of `latent_factor` a side (`PixelUnshuffleAutoencoder`; 2 in both shipped designs, so the UNet works at half
+    of `latent_factor` a side (`PixelUnshuffleAutoencoder`; 2 in the shipped design, so the UNet works at half
     the image's size)."""
 
     canvas: Canvas
@@ -55,7 +54,7 @@ class Design:
     layers_per_block: int = 1
     text_layers: int = 2
     latent_factor: int = 2
-    train_steps: int = 4000
+    train_steps: int = 10_000
 
     @property
     def latent_size(self) -> int:
@@ -69,18 +68,11 @@ class Design:
 DESIGNS = {
     # Cross-attention at 16 x 16 and 8 x 8 only (at 32 x 32 it would cost most of a step), as Stable Diffusion's
     # coarsest level has none: down (-, attn, attn, -), up (-, attn, attn, -). `up_blocks.1` sits at 8 x 8.
-    "minicanvas-64": Design(
+    "minicanvas": Design(
         CANVAS,
         block_out_channels=(32, 64, 128, 128),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        train_steps=10_000,
-    ),
-    "minicanvas": Design(
-        CANVAS_32,
-        block_out_channels=(32, 64, 128),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
     ),
 }
 """The shipped designs, by world name."""
@@ -177,7 +169,7 @@ def build_tokenizer(canvas: Canvas = CANVAS, max_length: int = 77) -> CLIPTokeni
     return tokenizer
 
 
-def build_components(tokenizer: CLIPTokenizer, design: Design = DESIGNS["minicanvas-64"], seed: int = 0) -> dict:
+def build_components(tokenizer: CLIPTokenizer, design: Design = DESIGNS["minicanvas"], seed: int = 0) -> dict:
     """Freshly initialised components of a MiniCanvas model (the same seed gives the same weights)."""
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(
@@ -310,7 +302,7 @@ def diffusion_loss(
 
 
 CANDIDATE_DESIGNS = {
-    "minicanvas-64": DESIGNS["minicanvas-64"],
+    "minicanvas": DESIGNS["minicanvas"],
     # 4 x 4 pixel blocks as 48-channel latents on 16 x 16: the grids of the first world, at twice the image size.
     "patches-4, attention at 16 and 8": Design(
         CANVAS,
@@ -327,7 +319,7 @@ CANDIDATE_DESIGNS = {
         latent_factor=4,
     ),
 }
-"""The designs measured before choosing MiniCanvas 64's (`step_seconds`); the first is the one trained."""
+"""The designs measured before choosing MiniCanvas's (`step_seconds`); the first is the one trained."""
 
 
 def step_seconds(design: Design, batch_size: int = 48, repeats: int = 5) -> dict:
@@ -380,7 +372,7 @@ def train_model(
     device: str = "cpu",
     text_length: int = 77,
     min_snr_gamma: float = 5.0,
-    design: Design = DESIGNS["minicanvas-64"],
+    design: Design = DESIGNS["minicanvas"],
     workers: int = 0,
 ) -> Path:
     """Train the UNet and the text encoder together, from scratch, on freshly drawn batches.

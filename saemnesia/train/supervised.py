@@ -40,7 +40,7 @@ class FinetuneConfig:
     term weighted by the number of other concepts of its kind, so its own images pull it up as hard as the others'
     push it down. Plain BCE on ReLU'd latents pushes every latent toward zero on every other concept's images, 19
     times for each pull on a 20-object world: a latent that also fired on other objects is pushed below zero on
-    every token, where the ReLU stops every gradient, and dies (4 of MiniCanvas 64's 20 object latents did)."""
+    every token, where the ReLU stops every gradient, and dies (4 of MiniCanvas's 20 object latents did)."""
     lr: float = 5e-6
     epochs: int = 150
     batch_size: int = 128
