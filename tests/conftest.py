@@ -26,7 +26,7 @@ MINICANVAS_32 = dataclasses.replace(
     height=32,
     width=32,
     assets=None,
-    examples=("a star in neon style", "a house in ocean style"),
+    examples=("a star in neon style", "zebra picture of a heart", "a house in ocean style", "a polka tree"),
     canvas=CANVAS_32,
 )
 """The first MiniCanvas's drawings as a world without assets: 10 objects x 10 styles at a quarter of the cost."""
