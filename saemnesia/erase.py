@@ -34,6 +34,7 @@ METHODS = ("saemnesia", "saeuron")
 INTERVENTIONS = ("steer", "replace")
 FALLBACKS = ("none", "unconditional")
 SOURCES = ("nearest", "mean")
+SCOPES = ("tokens", "map")
 
 
 @dataclass(frozen=True)
@@ -53,12 +54,20 @@ class ReplaceRule:
     source: str = "nearest"
     """`nearest`: each detected token takes the nearest undetected one (ties to the first, row-major);
     `mean`: the mean of all undetected tokens of the map."""
+    scope: str = "tokens"
+    """`tokens`: only the detected tokens are replaced. `map` (ours): one detected token hands the whole map to the
+    fallback, for a world whose objects fill most of the block's grid, so that the tokens the detector misses
+    around a detected object go too."""
 
     def __post_init__(self) -> None:
         if self.fallback not in FALLBACKS:
             raise ValueError(f"fallback must be one of {', '.join(FALLBACKS)}, got {self.fallback!r}.")
         if self.source not in SOURCES:
             raise ValueError(f"source must be one of {', '.join(SOURCES)}, got {self.source!r}.")
+        if self.scope not in SCOPES:
+            raise ValueError(f"scope must be one of {', '.join(SCOPES)}, got {self.scope!r}.")
+        if self.scope == "map" and self.fallback == "none":
+            raise ValueError("scope 'map' leaves no token to take from: it needs the 'unconditional' fallback.")
 
 
 PER_RULE = ReplaceRule()

@@ -280,6 +280,8 @@ def _replace_erased_rows(
     if detected_before is not None:
         detected |= detected_before
     mask = dilated(detected, h, w) if rule.dilate else detected
+    if rule.scope == "map":
+        mask = mask.any(-1, keepdim=True).expand_as(mask)
     sources = replacement_sources(mask, grid_distances(h, w, hidden.device))
     if mask.any():
         fallback = None

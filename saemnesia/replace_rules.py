@@ -31,6 +31,7 @@ RULES = {
     "nearest + sticky mask": ReplaceRule(fallback="none"),
     "nearest + sticky + unconditional fallback (default)": PER_RULE,
     "sticky + fallback, mask dilated": ReplaceRule(dilate=True),
+    "sticky + fallback, whole map once detected": ReplaceRule(scope="map"),
 }
 """Named rules to compare; the default is `erase.PER_RULE`."""
 RULE_METRICS = ("ua", "ira", "cra", "cra_erased", "ar", "ar_others")

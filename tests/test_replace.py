@@ -165,6 +165,20 @@ def test_a_fully_detected_conditional_map_takes_the_unconditional_one_only_under
     assert torch.equal(fallen[[0, 1, 2]], hidden[[0, 1, 2]])
 
 
+def test_one_detected_token_hands_the_whole_map_to_the_fallback_under_the_map_scope(tiny_sae):
+    hidden = torch.randn(4, tiny_sae.d_in, 2, 2)  # [uncond original, uncond erased, cond original, cond erased]
+    nothing, one = one_latent_edit(tiny_sae, 7, 1e9), torch.tensor([[False] * 4, [True, False, False, False]])
+    tokens, *_ = _replace_erased_rows(hidden, 2, 1, nothing, ReplaceRule(), one)
+    assert torch.equal(tokens[3, :, 0, 1:], hidden[3, :, 0, 1:]), "the token scope keeps the undetected tokens"
+    whole, _, detected = _replace_erased_rows(hidden, 2, 1, nothing, ReplaceRule(scope="map"), one)
+    assert torch.equal(whole[3], hidden[1]) and torch.equal(whole[[0, 1, 2]], hidden[[0, 1, 2]])
+    assert torch.equal(detected, one), "the detection itself stays token by token"
+    with pytest.raises(ValueError, match="needs the 'unconditional' fallback"):
+        ReplaceRule(scope="map", fallback="none")
+    with pytest.raises(ValueError, match="scope must be one of tokens, map"):
+        ReplaceRule(scope="image")
+
+
 def test_the_sticky_mask_keeps_earlier_detections_and_the_mean_source_averages(tiny_sae):
     hidden = torch.randn(2, tiny_sae.d_in, 2, 2)  # no guidance: [original, erased]
     earlier = torch.tensor([[True, False, False, False]])
