@@ -71,7 +71,8 @@ class ReplaceRule:
 
 
 PER_RULE = ReplaceRule()
-"""The rule `replace` uses unless told otherwise."""
+"""The rule `replace` uses unless told otherwise. The benchmark's verdict cache does not fingerprint it: a changed
+default needs `evaluate --cache` pointed at a new file, or it reads the old rule's verdicts."""
 
 
 STRENGTH_RANGE = (-1000.0, 0.0)
