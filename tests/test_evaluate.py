@@ -56,13 +56,14 @@ from saemnesia.generate import sampler_timesteps
 from saemnesia.minicanvas import classifier as classifier_module
 from saemnesia.minicanvas.artifacts import ArtifactDetector, ArtifactDetectorConfig
 from saemnesia.minicanvas.classifier import NO_OBJECT, ClassifierConfig, MiniCanvasClassifier, Verdict
-from saemnesia.minicanvas.data import CANVAS_32
+from saemnesia.minicanvas.data import CANVAS, CANVAS_32
 from saemnesia.replace_rules import DETECTION_SHARES, RULE_METRICS, RULES, compare_replace_rules, write_comparison
 from saemnesia.studio import SaeBundle, Studio
 from saemnesia.worlds import MINICANVAS, WORLDS
 from ui.metrics import result_set_view
 
-TINY_WORLD = make_tiny_world()
+TINY_WORLD = make_tiny_world(objects=("circle", "fish", "butterfly"), templates=CANVAS.templates, canvas=CANVAS)
+"""The quick protocol's world: MiniCanvas's shapes, old and new, and its five caption templates, at the tiny size."""
 
 
 def judged(asked: str, seen: str, seed: int = 0) -> Judged:
@@ -407,7 +408,7 @@ def test_quick_mode_measures_replace_with_no_strength_search_and_ar_on_every_row
             assert concept["heldout"]["nothing_rate"] is None  # a classifier that cannot say "nothing"
             if "+" in key:
                 assert concept["chosen"]["strength"] == 0.0
-        assert [step["erased"] for step in entry["sequential"]] == [["circle"], ["circle", "square"]]
+        assert [step["erased"] for step in entry["sequential"]] == [["circle"], ["circle", "fish"]]
     table = results_table(results)
     assert "| SAEmnesia + replace | objects |" in table and "| SAeUron + replace | styles |" in table
     assert "0 trials a concept (latent counts; replace scales nothing)" in table
@@ -422,7 +423,7 @@ def test_quick_mode_tunes_on_tuning_seeds_and_reports_on_heldout_ones(quick_run)
     assert results["search"]["trials_saved"]["vs_paper_grid"] == pytest.approx(1 - 7 / 210, abs=1e-4)
     for method, trials_per_concept in (("saemnesia", 7), ("saeuron", 21)):
         concepts = results["methods"][method]["concepts"]
-        assert list(concepts) == ["circle", "square", "star", "sunset", "ocean"]
+        assert list(concepts) == ["circle", "fish", "butterfly", "sunset", "ocean"]
         for entry in concepts.values():
             assert len(entry["tuning"]) == trials_per_concept
             best = max(entry["tuning"], key=lambda trial: trial["score"])
@@ -430,7 +431,7 @@ def test_quick_mode_tunes_on_tuning_seeds_and_reports_on_heldout_ones(quick_run)
             assert entry["heldout"]["images"] == 3 * 2 + 3
         assert set(results["methods"][method]["summary"]) == {"object", "style"}
         steps = results["methods"][method]["sequential"]
-        assert [step["erased"] for step in steps] == [["circle"], ["circle", "square"]]
+        assert [step["erased"] for step in steps] == [["circle"], ["circle", "fish"]]
 
 
 def test_quick_mode_reports_uas_chance_ceiling_beside_object_ua(quick_run):
@@ -443,7 +444,7 @@ def test_quick_mode_reports_uas_chance_ceiling_beside_object_ua(quick_run):
         "up_blocks.1.attentions.0",
         "mid_block.attentions.0",
     ]
-    assert list(chance["per_object"]) == ["circle", "square", "star"] and chance["images"] == 3 * (2 + 1)
+    assert list(chance["per_object"]) == ["circle", "fish", "butterfly"] and chance["images"] == 3 * (2 + 1)
     for value in (chance["survival"], chance["ua_ceiling"], *chance["per_object"].values()):
         assert isinstance(value, float) and 0 <= value <= 100
     assert chance["ua_ceiling"] == pytest.approx(100 - chance["survival"], abs=0.01)
@@ -499,7 +500,7 @@ def test_a_second_classifier_that_can_say_nothing_judges_every_image_beside_the_
 def test_edit_coverage_splits_the_heldout_images_as_the_benchmark_judged_them(quick_run, tmp_path):
     studio, classifier, _, results = quick_run
     coverage = edit_coverage(studio, classifier, results, grid=tmp_path / "survivors.png")
-    assert list(coverage) == ["circle", "square", "star"]
+    assert list(coverage) == ["circle", "fish", "butterfly"]
     for concept, entry in coverage.items():
         heldout = results["methods"]["saemnesia"]["concepts"][concept]["heldout"]
         assert entry["images"] == 2 + 1  # its two styled cells and its unstyled one, at the one held-out seed
@@ -826,7 +827,7 @@ def test_chance_ceiling_ablates_every_block_but_the_style_block_at_once(monkeypa
     )
     seen = Verdict("circle", 1.0, "ocean", 1.0, None, None)  # whatever the picture, the classifier says circle
     monkeypatch.setattr(diagnostics, "classify", lambda model, images: [seen] * len(images))
-    specs = [spec for spec in grid_prompts(TINY_WORLD) if spec.object in ("circle", "square")]
+    specs = [spec for spec in grid_prompts(TINY_WORLD) if spec.object in ("circle", "fish")]
     report = chance_ceiling(studio, classifier, specs, seeds=[1, 2])
     # Every cross-attention block of the tiny UNet but the style block, up_blocks.1.attentions.1.
     blocks = ["down_blocks.1.attentions.0", "up_blocks.0.attentions.0", "up_blocks.0.attentions.1"]
@@ -835,7 +836,7 @@ def test_chance_ceiling_ablates_every_block_but_the_style_block_at_once(monkeypa
     assert report == {
         "blocks": blocks,
         "survival": 50.0,
-        "per_object": {"circle": 100.0, "square": 0.0},
+        "per_object": {"circle": 100.0, "fish": 0.0},
         "ua_ceiling": 50.0,
         "images": 2 * 6,
     }
@@ -864,7 +865,7 @@ def test_generate_defaults_to_the_benchmarks_tuned_strength(monkeypatch, tmp_pat
 
     def generate_settings(*extra: str) -> dict:
         out = tmp_path / "out"
-        command = ["generate", "--prompt=a star in ocean style", "--erase=star", "--steps=1", f"--out={out}"]
+        command = ["generate", "--prompt=a fish in ocean style", "--erase=fish", "--steps=1", f"--out={out}"]
         cli.main([*command, *extra])
         return json.loads((out / "settings.json").read_text())["erasures"][0]
 
@@ -872,7 +873,7 @@ def test_generate_defaults_to_the_benchmarks_tuned_strength(monkeypatch, tmp_pat
     assert generate_settings("--intervention=steer")["strength"] == DEFAULT_STRENGTH  # a world without results
     studio.world = dataclasses.replace(studio.world, assets=tmp_path / "assets")
     tuned = {"chosen": {"strength": -0.3, "features_per_step": 1}}
-    results = {"methods": {"saemnesia": {"concepts": {"star": tuned}}}}
+    results = {"methods": {"saemnesia": {"concepts": {"fish": tuned}}}}
     quick_results = result_paths(tmp_path / "assets" / "results", "quick")["json"]
     quick_results.parent.mkdir(parents=True)
     quick_results.write_text(json.dumps(results))
