@@ -55,9 +55,12 @@ class ReplaceRule:
     """`nearest`: each detected token takes the nearest undetected one (ties to the first, row-major);
     `mean`: the mean of all undetected tokens of the map."""
     scope: str = "tokens"
-    """`tokens`: only the detected tokens are replaced. `map` (ours): one detected token hands the whole map to the
-    fallback, for a world whose objects fill most of the block's grid, so that the tokens the detector misses
-    around a detected object go too."""
+    """`tokens`: only the detected tokens are replaced. `map` (ours): a map with more than `map_share` of its tokens
+    detected goes whole to the fallback, for a world whose objects fill most of the block's grid, so that the
+    tokens the detector misses around a detected object go too."""
+    map_share: float = 0.0
+    """With scope `map`, the share of a map's tokens that must be detected before the whole map goes (0: any one
+    token); a higher share spares the maps where the detector fires on a few tokens of another concept."""
 
     def __post_init__(self) -> None:
         if self.fallback not in FALLBACKS:
@@ -66,6 +69,8 @@ class ReplaceRule:
             raise ValueError(f"source must be one of {', '.join(SOURCES)}, got {self.source!r}.")
         if self.scope not in SCOPES:
             raise ValueError(f"scope must be one of {', '.join(SCOPES)}, got {self.scope!r}.")
+        if not 0 <= self.map_share < 1:
+            raise ValueError(f"map_share must be in [0, 1), got {self.map_share}.")
         if self.scope == "map" and self.fallback == "none":
             raise ValueError("scope 'map' leaves no token to take from: it needs the 'unconditional' fallback.")
 

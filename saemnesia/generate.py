@@ -281,7 +281,7 @@ def _replace_erased_rows(
         detected |= detected_before
     mask = dilated(detected, h, w) if rule.dilate else detected
     if rule.scope == "map":
-        mask = mask.any(-1, keepdim=True).expand_as(mask)
+        mask = mask | (mask.float().mean(-1, keepdim=True) > rule.map_share)
     sources = replacement_sources(mask, grid_distances(h, w, hidden.device))
     if mask.any():
         fallback = None

@@ -32,6 +32,8 @@ RULES = {
     "nearest + sticky + unconditional fallback (default)": PER_RULE,
     "sticky + fallback, mask dilated": ReplaceRule(dilate=True),
     "sticky + fallback, whole map once detected": ReplaceRule(scope="map"),
+    "sticky + fallback, whole map once a quarter is detected": ReplaceRule(scope="map", map_share=0.25),
+    "sticky + fallback, whole map once half is detected": ReplaceRule(scope="map", map_share=0.5),
 }
 """Named rules to compare; the default is `erase.PER_RULE`."""
 RULE_METRICS = ("ua", "ira", "cra", "cra_erased", "ar", "ar_others")

@@ -173,6 +173,10 @@ def test_one_detected_token_hands_the_whole_map_to_the_fallback_under_the_map_sc
     whole, _, detected = _replace_erased_rows(hidden, 2, 1, nothing, ReplaceRule(scope="map"), one)
     assert torch.equal(whole[3], hidden[1]) and torch.equal(whole[[0, 1, 2]], hidden[[0, 1, 2]])
     assert torch.equal(detected, one), "the detection itself stays token by token"
+    spared, *_ = _replace_erased_rows(hidden, 2, 1, nothing, ReplaceRule(scope="map", map_share=0.25), one)
+    assert torch.equal(spared, tokens), "a quarter detected is not more than a quarter: only the token goes"
+    with pytest.raises(ValueError, match=r"map_share must be in \[0, 1\)"):
+        ReplaceRule(scope="map", map_share=1.0)
     with pytest.raises(ValueError, match="needs the 'unconditional' fallback"):
         ReplaceRule(scope="map", fallback="none")
     with pytest.raises(ValueError, match="scope must be one of tokens, map"):
