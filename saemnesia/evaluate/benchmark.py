@@ -165,8 +165,9 @@ def evaluate(
             )
             search_seconds[key] += judge.seconds - seconds_before
     if part is not None:
-        for key in keys if plan.sequential else ():
-            _sequential(judge, protocol, plan, untouched, chosen[key])
+        if plan.sequential:
+            for key in keys:
+                _sequential(judge, protocol, plan, untouched, chosen[key])
         bar.close()
         return {
             "world": world.name,
