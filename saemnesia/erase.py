@@ -39,8 +39,9 @@ SCOPES = ("tokens", "map")
 
 @dataclass(frozen=True)
 class ReplaceRule:
-    """What `replace` overwrites and with what. The defaults were measured best on the tuning seed
-    (`python -m saemnesia compare-replacements`, docs/per.md); the rest stay so that anyone can measure again."""
+    """What `replace` overwrites and with what. Each world names its rule (`World.replace_rule`), measured best on
+    its tuning seed (`python -m saemnesia compare-replacements`, docs/per.md); the rest stay so that anyone can
+    measure again."""
 
     sticky: bool = True
     """Ours: a token detected at one step stays detected for the rest of the generation. On a coarse block
@@ -76,8 +77,7 @@ class ReplaceRule:
 
 
 PER_RULE = ReplaceRule()
-"""The rule `replace` uses unless told otherwise. The benchmark's verdict cache does not fingerprint it: a changed
-default needs `evaluate --cache` pointed at a new file, or it reads the old rule's verdicts."""
+"""PER's nearest-token rule, made sticky and given a fallback: the rule of a world that names none."""
 
 
 STRENGTH_RANGE = (-1000.0, 0.0)

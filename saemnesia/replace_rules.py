@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -29,13 +30,13 @@ RULES = {
     "nearest, mask dilated by one": ReplaceRule(sticky=False, fallback="none", dilate=True),
     "nearest + unconditional fallback": ReplaceRule(sticky=False),
     "nearest + sticky mask": ReplaceRule(fallback="none"),
-    "nearest + sticky + unconditional fallback (default)": PER_RULE,
+    "nearest + sticky + unconditional fallback": PER_RULE,
     "sticky + fallback, mask dilated": ReplaceRule(dilate=True),
     "sticky + fallback, whole map once detected": ReplaceRule(scope="map"),
     "sticky + fallback, whole map once a quarter is detected": ReplaceRule(scope="map", map_share=0.25),
     "sticky + fallback, whole map once half is detected": ReplaceRule(scope="map", map_share=0.5),
 }
-"""Named rules to compare; the default is `erase.PER_RULE`."""
+"""Named rules to compare; a world that names no rule of its own replaces by `erase.PER_RULE`."""
 RULE_METRICS = ("ua", "ira", "cra", "cra_erased", "ar", "ar_others")
 DETECTION_SHARES = ("maps_detecting_nothing", "maps_detecting_everything", "tokens_detected")
 
@@ -79,7 +80,7 @@ def compare_replace_rules(
                 ]
             metrics.append(erasure_metrics(judged, [concept], kind, len(concepts)))
         report[name] = {
-            "rule": rule.__dict__,
+            "rule": asdict(rule),
             **{metric: _mean([getattr(m, metric) for m in metrics]) for metric in RULE_METRICS},
             "maps_detecting_nothing": round(100 * sum(nothing) / len(nothing), 1),
             "maps_detecting_everything": round(100 * sum(everything) / len(everything), 1),
@@ -92,6 +93,7 @@ def compare_replace_rules(
         "block": world.block_for(kind),
         "seeds": list(protocol.tuning_seeds),
         "prompts_per_concept": protocol.tuning_concept_prompts + protocol.tuning_other_prompts,
+        "world_rule": asdict(world.replace_rule),
         "rules": report,
     }
 
@@ -113,6 +115,7 @@ def rules_table(comparison: Mapping) -> str:
     ]
     for name, row in comparison["rules"].items():
         cells = [row.get(key) for key in (*RULE_METRICS, *DETECTION_SHARES)]
+        name += " (the world's rule)" if row["rule"] == comparison.get("world_rule") else ""
         lines.append(f"| {name} | " + " | ".join("-" if value is None else f"{value:.1f}" for value in cells) + " |")
     return "\n".join(lines) + "\n"
 

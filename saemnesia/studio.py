@@ -19,7 +19,6 @@ from saemnesia.concepts import ConceptDictionary, ConceptFootprints, ConceptStat
 from saemnesia.erase import (
     INTERVENTIONS,
     METHODS,
-    PER_RULE,
     Paint,
     ReplaceRule,
     check_strength,
@@ -220,10 +219,12 @@ class Studio:
         features_per_step: int = 1,
         record: bool = False,
         intervention: str = "steer",
-        replace_rule: ReplaceRule = PER_RULE,
+        replace_rule: ReplaceRule | None = None,
     ) -> list[SaeHook]:
         """The SAE hooks that erase `concepts` (objects at the object block, styles at the style block, and
-        each kind at its extra blocks), by steering their latents or replacing the tokens they detect."""
+        each kind at its extra blocks), by steering their latents or replacing the tokens they detect (by
+        `replace_rule`, default the world's)."""
+        replace_rule = replace_rule or self.world.replace_rule
         if method not in METHODS:
             raise SettingsError(f"method must be one of {', '.join(METHODS)}, got {method!r}.")
         if intervention not in INTERVENTIONS:

@@ -19,6 +19,7 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from safetensors import SafetensorError
 
+from saemnesia.erase import PER_RULE, ReplaceRule
 from saemnesia.minicanvas import data as minicanvas_data
 from saemnesia.minicanvas import model as minicanvas_model
 
@@ -107,6 +108,8 @@ class World:
     first use, into a folder per model, instead of shipping its assets."""
     canvas: minicanvas_data.Canvas | None = None
     """The procedural drawings a MiniCanvas world's model, classifier and artifact detector learn from."""
+    replace_rule: ReplaceRule = PER_RULE
+    """How `replace` erases in this world, chosen on its tuning seed (`compare-replacements`, docs/per.md)."""
 
     @property
     def concepts(self) -> tuple[str, ...]:
@@ -140,7 +143,12 @@ class World:
 
 
 def minicanvas_world(
-    canvas: minicanvas_data.Canvas, folder: str, object_block: str, style_block: str, examples: tuple[str, ...]
+    canvas: minicanvas_data.Canvas,
+    folder: str,
+    object_block: str,
+    style_block: str,
+    examples: tuple[str, ...],
+    replace_rule: ReplaceRule = PER_RULE,
 ) -> World:
     """A MiniCanvas world: its concepts, prompts and size from the canvas, its assets in `assets/<folder>`."""
     return World(
@@ -158,6 +166,7 @@ def minicanvas_world(
         assets=ASSETS / folder,
         examples=examples,
         canvas=canvas,
+        replace_rule=replace_rule,
     )
 
 
@@ -172,6 +181,9 @@ MINICANVAS = minicanvas_world(
     object_block="up_blocks.1.attentions.0",
     style_block="up_blocks.2.attentions.1",
     examples=("a fish in neon style", "zebra picture of a butterfly", "a house in ocean style", "a polka cat"),
+    # An object fills most of the 8 x 8 map, and the detector misses the tokens around it: a map past a quarter
+    # detected goes whole to the unconditional tokens (docs/per.md, "On MiniCanvas (64 x 64 ...)").
+    replace_rule=ReplaceRule(scope="map", map_share=0.25),
 )
 
 

@@ -17,7 +17,7 @@ from saemnesia import cli
 from saemnesia import evaluate as evaluate_module
 from saemnesia.cli import build_parser
 from saemnesia.concepts import ConceptDictionary, ConceptStats
-from saemnesia.erase import check_strength
+from saemnesia.erase import ReplaceRule, check_strength
 from saemnesia.evaluate import (
     DEFAULT_STRENGTH,
     FULL,
@@ -345,10 +345,10 @@ def test_cache_skips_broken_lines_and_other_fingerprints(tmp_path):
     lines = [json.dumps(record | {"fingerprint": "old"}), json.dumps(record | {"fingerprint": "new", "seed": 4})]
     path.write_text("\n".join(lines) + '\n{"method": "saemn')
     cache = VerdictCache(path, {"saemnesia": "new", "none": "old"})
-    assert list(cache.records) == [("saemnesia", "steer", ("circle",), -5.0, 1, 4, "a circle")]
+    assert list(cache.records) == [("saemnesia", "steer", None, ("circle",), -5.0, 1, 4, "a circle")]
     cache.add([dict(record)])
     reloaded = VerdictCache(path, {"saemnesia": "new"})
-    expected = {("saemnesia", "steer", ("circle",), -5.0, 1, seed, "a circle") for seed in (3, 4)}
+    expected = {("saemnesia", "steer", None, ("circle",), -5.0, 1, seed, "a circle") for seed in (3, 4)}
     assert set(reloaded.records) == expected
 
 
@@ -628,6 +628,37 @@ def test_a_retrained_saemnesia_sae_remakes_only_saemnesia_images(quick_run, monk
     assert again["settings"]["fingerprint"] != first["settings"]["fingerprint"]
 
 
+def test_another_replace_rule_remakes_only_the_replaced_images(quick_run, monkeypatch, tmp_path):
+    """The rule is part of a replaced image's key: a world that replaces otherwise never reads the old rule's
+    verdicts, and keeps every steered one."""
+    studio, classifier, folder, first = quick_run
+    shutil.copy(folder / "cache.jsonl", tmp_path / "cache.jsonl")
+    rule = ReplaceRule(source="mean", fallback="none")
+    assert rule != studio.world.replace_rule
+    changed = Studio(dataclasses.replace(studio.world, replace_rule=rule), studio.pipeline, studio.bundles)
+    made, hooks = [], Studio.hooks
+
+    def recording_hooks(self, concepts, method, strength, start_step, features, record, intervention, replace_rule):
+        made.append((intervention, replace_rule))
+        return hooks(self, concepts, method, strength, start_step, features, record, intervention, replace_rule)
+
+    monkeypatch.setattr(Studio, "hooks", recording_hooks)
+    again = evaluate(
+        changed,
+        classifier,
+        QUICK,
+        cache=tmp_path / "cache.jsonl",
+        progress=False,
+        artifact_detector=tiny_artifact_detector(),
+    )
+    assert made and set(made) == {("replace", rule)}
+    assert again["methods"]["saemnesia"] == first["methods"]["saemnesia"] and again["ceiling"] == first["ceiling"]
+    assert again["settings"]["replace_rule"] == dataclasses.asdict(rule) != first["settings"]["replace_rule"]
+    records = [json.loads(line) for line in (tmp_path / "cache.jsonl").read_text().splitlines()]
+    assert {r["intervention"] for r in records if "rule" in r} == {"replace"}
+    assert any(r.get("rule") == dataclasses.asdict(rule) for r in records)
+
+
 def test_a_later_start_step_reaches_every_edit_and_keeps_its_verdicts_apart(quick_run, monkeypatch, tmp_path):
     studio, classifier, folder, first = quick_run
     shutil.copy(folder / "cache.jsonl", tmp_path / "cache.jsonl")
@@ -886,7 +917,7 @@ def test_compare_replacements_measures_each_rule_with_its_artifact_rate(tmp_path
     a table that says AR was not measured instead of inventing it."""
     studio, classifier, detector = tiny_studio(), tiny_classifier(), tiny_artifact_detector()
     quick = dataclasses.replace(QUICK, tuning_concept_prompts=2, tuning_other_prompts=2)
-    names = ("nearest (PER as written)", "nearest + sticky + unconditional fallback (default)")
+    names = ("nearest (PER as written)", "nearest + sticky + unconditional fallback")
     rules = {name: RULES[name] for name in names}
     measured = compare_replace_rules(studio, classifier, rules, protocol=quick, artifact_detector=detector)
     assert list(measured["rules"]) == list(rules)
@@ -898,3 +929,4 @@ def test_compare_replacements_measures_each_rule_with_its_artifact_rate(tmp_path
     paths = write_comparison(unjudged, tmp_path)
     table = paths["table"].read_text()
     assert "| AR |" in table and table.count("| - | - |") == len(rules)
+    assert "| nearest + sticky + unconditional fallback (the world's rule) |" in table

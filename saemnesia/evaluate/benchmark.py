@@ -5,7 +5,7 @@ The JSON `write_results` writes (`evaluation.json`, or `evaluation-quick.json`);
 2 decimals, null where undefined (e.g. IRA with no concept left):
     schema: 2; world; protocol: the `Protocol` fields and `rules` (how settings were chosen)
     settings: {steps, guidance, height, width, model, object_block, style_block, extra_blocks, fingerprint,
-               artifact_detector, no_object_label}
+               replace_rule (the fields of the rule `replace` used), artifact_detector, no_object_label}
     ceiling: {object_accuracy, style_accuracy, images, per_concept: {concept: accuracy on its kind}}
         (the untouched model on the grid at every seed it was made at, pooled)
     chance: {blocks, survival, per_object: {object: survival}, ua_ceiling, images} or null with no object erased
@@ -203,6 +203,7 @@ def evaluate(
                 if method == "saemnesia"
             },
             "fingerprint": tag,
+            "replace_rule": asdict(judge.replace_rule),
             "artifact_detector": artifact_detector is not None,
             "no_object_label": _nothing(classifier),
             "nothing_classifier": nothing_classifier is not None,
@@ -232,7 +233,7 @@ class _AblatedStudio:
     ceiling's verdicts are cached, counted and resumed like every other image."""
 
     def __init__(self, studio: Studio, blocks: Sequence[str]):
-        self.studio, self.blocks = studio, blocks
+        self.studio, self.blocks, self.world = studio, blocks, studio.world
 
     def hooks(self, *args, **kwargs) -> list:
         return []

@@ -1,9 +1,9 @@
 """Each image judged once: the verdict cache (one JSON line an image), the fingerprint that tells a stale verdict,
 and the judge that makes the images the cache lacks and classifies them.
 
-Verdicts are cached one JSON line per image (`VerdictCache`), keyed by method, intervention, erased
-concepts, strength, features per step, seed and prompt, and tagged with a fingerprint of what decides the
-verdict: the model, classifier and artifact detector, and the SAEs and statistics of the image's own method
+Verdicts are cached one JSON line per image (`VerdictCache`), keyed by method, intervention (and for `replace` its
+rule), erased concepts, strength, features per step, seed and prompt, and tagged with a fingerprint of what decides
+the verdict: the model, classifier and artifact detector, and the SAEs and statistics of the image's own method
 (none for the untouched model). An interrupted or repeated run redoes nothing, a retrained model never
 reuses stale verdicts, and retraining one method's SAE remakes only that method's images.
 """
@@ -14,10 +14,12 @@ import hashlib
 import json
 import time
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from saemnesia.erase import ReplaceRule
 from saemnesia.evaluate.metrics import Judged
 from saemnesia.evaluate.protocol import PromptSpec, Protocol
 from saemnesia.evaluate.search import Setting
@@ -29,14 +31,21 @@ UNTOUCHED = "none"
 """The method name of images made without erasure, in the cache."""
 
 
-def _image_key(setting: Setting, concepts: Sequence[str], seed: int, prompt: str) -> tuple:
+def _image_key(setting: Setting, concepts: Sequence[str], seed: int, prompt: str, rule: dict | None) -> tuple:
+    """`rule`: the replace rule's fields (`rule_fields`), None for an image made otherwise."""
     method, strength, features, intervention = setting
-    return method, intervention, tuple(concepts), float(strength), int(features), int(seed), prompt
+    rule_key = None if rule is None else tuple(sorted(rule.items()))
+    return method, intervention, rule_key, tuple(concepts), float(strength), int(features), int(seed), prompt
 
 
 def _record_key(record: dict) -> tuple:
     setting = Setting(record["method"], record["strength"], record["features_per_step"], record["intervention"])
-    return _image_key(setting, record["concepts"], record["seed"], record["prompt"])
+    return _image_key(setting, record["concepts"], record["seed"], record["prompt"], record.get("rule"))
+
+
+def rule_fields(setting: Setting, rule: ReplaceRule) -> dict | None:
+    """What a record keeps of the replace rule an image was made with: its fields, or None for a steered image."""
+    return asdict(rule) if setting.intervention == "replace" else None
 
 
 class VerdictCache:
@@ -143,6 +152,7 @@ class Judge:
         self.studio, self.classifier, self.cache, self.bar = studio, classifier, cache, bar
         self.artifact_detector, self.nothing_classifier = artifact_detector, nothing_classifier
         self.batch, self.start_step = protocol.batch_size, protocol.start_step
+        self.replace_rule = studio.world.replace_rule
         self.generated = self.from_cache = 0
         self.seconds = 0.0
         """Generation and classification seconds of every image served, cached ones included."""
@@ -157,7 +167,8 @@ class Judge:
         concepts = list(concepts) if setting.method != UNTOUCHED else []
         judged = []
         for seed in seeds:
-            keys = [_image_key(setting, concepts, seed, spec.text) for spec in specs]
+            rule = rule_fields(setting, self.replace_rule)
+            keys = [_image_key(setting, concepts, seed, spec.text, rule) for spec in specs]
             missing = [spec for key, spec in zip(keys, specs) if self.cache.get(key) is None]
             self.from_cache += len(specs) - len(missing)
             self.bar.update(len(specs) - len(missing))
@@ -188,7 +199,7 @@ class Judge:
         )
         began = time.perf_counter()
         hooks = (
-            studio.hooks(concepts, method, strength, self.start_step, features, intervention=intervention)
+            studio.hooks(concepts, method, strength, self.start_step, features, False, intervention, self.replace_rule)
             if method != UNTOUCHED
             else []
         )
@@ -205,11 +216,13 @@ class Judge:
             else [verdict.object == NO_OBJECT for verdict in classify(self.nothing_classifier, result.erased)]
         )
         seconds = time.perf_counter() - began
+        rule = rule_fields(setting, self.replace_rule)
         self.cache.add(
             [
                 {
                     "method": method,
                     "intervention": intervention,
+                    **({} if rule is None else {"rule": rule}),
                     "concepts": concepts,
                     "strength": strength,
                     "features_per_step": features,
