@@ -165,9 +165,8 @@ class Judge:
         """Verdicts on `specs` from every seed with `concepts` erased by `setting` (None: no erasure)."""
         setting = setting or Setting(UNTOUCHED, 0.0, 0)
         concepts = list(concepts) if setting.method != UNTOUCHED else []
-        judged = []
+        judged, rule = [], rule_fields(setting, self.replace_rule)
         for seed in seeds:
-            rule = rule_fields(setting, self.replace_rule)
             keys = [_image_key(setting, concepts, seed, spec.text, rule) for spec in specs]
             missing = [spec for key, spec in zip(keys, specs) if self.cache.get(key) is None]
             self.from_cache += len(specs) - len(missing)
