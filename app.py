@@ -52,9 +52,10 @@ unsupervised SAE that score highest for the concept, and must search how many.
 **Steer or replace.** That multiplication is *steering*, and it can push the block's activations far from
 anything the UNet saw, which shows as noise. **Replace** (PER, [Cassano et al., ECCV 2026, arXiv
 2606.31699](https://arxiv.org/abs/2606.31699)) uses the same neuron only to *detect* the concept's tokens
-and overwrites them with the nearest tokens where it did not fire: values the block itself produced, so
-the picture stays clean and there is no strength at all. On MiniCanvas it keeps the erased object's style
-every time (steer: 40%) at a lower erasure rate (UA 77 against 94); the Metrics tab has the numbers.
+and overwrites them with values the block itself produced: the nearest tokens where it did not fire, or, on
+MiniCanvas, where an object fills most of the 8 × 8 map, the whole map as the block made it without the prompt
+once a quarter of it is detected. The picture stays clean where steer leaves noise, and there is no strength at
+all; the Metrics tab has the numbers.
 
 **This world.** MiniCanvas is our small world in the image of UnlearnCanvas: procedurally drawn objects in
 styles, a text-to-image model of Stable Diffusion's exact architecture trained from scratch on it, and a

@@ -16,7 +16,7 @@ Two interventions share those latents and thresholds (`INTERVENTIONS`):
   latents has a pre-activation above its mean on the other concepts, and each detected token's block
   output is overwritten with the raw output at the nearest undetected token of the same feature map (same
   image, same guidance half). Nothing is scaled, so the strength plays no part. `ReplaceRule` holds the
-  choices PER leaves open, two of them ours; docs/per.md has the measurements that chose them.
+  choices PER leaves open, three of them ours; docs/per.md has the measurements that chose them.
 """
 
 from __future__ import annotations
