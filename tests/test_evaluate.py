@@ -517,6 +517,14 @@ def test_edit_coverage_splits_the_heldout_images_as_the_benchmark_judged_them(qu
         assert grid.height == max(1, survivors * 3 * TINY_WORLD.height)
 
 
+def test_edit_coverage_of_replace_reads_the_replace_rows(quick_run):
+    studio, classifier, _, results = quick_run
+    coverage = edit_coverage(studio, classifier, results, intervention="replace")
+    for concept, entry in coverage.items():
+        heldout = results["methods"]["saemnesia+replace"]["concepts"][concept]["heldout"]
+        assert entry["survived"] == round((100 - heldout["ua"]) / 100 * entry["images"])
+
+
 def test_quick_mode_writes_json_table_and_plots_the_metrics_tab_shows(quick_run, tmp_path):
     _, _, _, results = quick_run
     paths = write_results(results, tmp_path / "results")

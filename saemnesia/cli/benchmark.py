@@ -235,7 +235,8 @@ def _edit_coverage(args: argparse.Namespace) -> None:
     if results is None:
         raise SystemExit("No benchmark results for this world: run `python -m saemnesia evaluate` first.")
     grid = Path(args.grid) if args.grid else None
-    print(json.dumps(edit_coverage(studio, classifier, results, args.method, args.kind, grid), indent=2))
+    report = edit_coverage(studio, classifier, results, args.method, args.kind, grid, args.intervention)
+    print(json.dumps(report, indent=2))
 
 
 def _attack(args: argparse.Namespace) -> None:
@@ -303,6 +304,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     add_classifier_world_arguments(coverage)
     coverage.add_argument("--method", choices=["saemnesia", "saeuron"], default="saemnesia")
     coverage.add_argument("--kind", choices=["object", "style"], default="object")
+    coverage.add_argument("--intervention", choices=["steer", "replace"], default="steer")
     coverage.add_argument("--grid", help="PNG of the survivors: original | erased, one a row")
     _add_evaluation_argument(coverage)
     coverage.set_defaults(run=_edit_coverage)

@@ -25,6 +25,7 @@ from saemnesia.evaluate.metrics import (
     rounded,
 )
 from saemnesia.evaluate.protocol import PromptSpec, erasure_prompts, grid_prompts
+from saemnesia.evaluate.search import pipeline_key
 from saemnesia.generate import model_lock
 from saemnesia.hooks import hook_points, hooked_block
 from saemnesia.minicanvas.classifier import MiniCanvasClassifier, Verdict, classify
@@ -186,6 +187,7 @@ def edit_coverage(
     method: str = "saemnesia",
     kind: str = "object",
     grid: Path | None = None,
+    intervention: str = "steer",
 ) -> dict[str, dict]:
     """Where an erasure fails: for each concept the benchmark tuned, at its tuned setting, the share of
     the hooked block's tokens the edit changed (over steps, conditional rows) on the images where the
@@ -193,7 +195,7 @@ def edit_coverage(
     what it names the erased images instead.
 
     If the survivors had markedly fewer edited tokens, the concept would be slipping past the edit's
-    threshold. A classifier without a no-object class must name one of the world's concepts, so an image
+    threshold (for replace: past its detection); as many means it reaches the image through other blocks. A classifier without a no-object class must name one of the world's concepts, so an image
     left with no object at all is still given one: its probability on survivors against that on the
     originals tells a concept that stayed from a forced choice, and `grid` (a PNG of original | erased
     pairs, one survivor a row) lets one look. The benchmark's held-out grid cells naming the concept, at
@@ -208,7 +210,7 @@ def edit_coverage(
         protocol.get("plain_template", PLAIN_TEMPLATE),
         protocol.get("grid_templates"),
     )
-    for concept, entry in results["methods"][method]["concepts"].items():
+    for concept, entry in results["methods"][pipeline_key(method, intervention)]["concepts"].items():
         if entry["kind"] != kind:
             continue
         chosen = entry["chosen"]
@@ -224,6 +226,7 @@ def edit_coverage(
                 seed=seed,
                 features_per_step=chosen["features_per_step"],
                 record=True,
+                intervention=intervention,
             )
             edited = result.traces[block].edited[:, len(specs) :].float().mean((0, 2))
             originals, erased = classify(classifier, result.originals), classify(classifier, result.erased)
