@@ -195,10 +195,11 @@ def edit_coverage(
     what it names the erased images instead.
 
     If the survivors had markedly fewer edited tokens, the concept would be slipping past the edit's
-    threshold (for replace: past its detection); as many means it reaches the image through other blocks. A classifier without a no-object class must name one of the world's concepts, so an image
-    left with no object at all is still given one: its probability on survivors against that on the
-    originals tells a concept that stayed from a forced choice, and `grid` (a PNG of original | erased
-    pairs, one survivor a row) lets one look. The benchmark's held-out grid cells naming the concept, at
+    threshold (for replace: past its detection); as many means it reaches the image through other blocks.
+    A classifier without a no-object class must name one of the world's concepts, so an image left with no
+    object at all is still given one: its probability on survivors against that on the originals tells a
+    concept that stayed from a forced choice, and `grid` (a PNG of original | erased pairs, one survivor a
+    row) lets one look. The benchmark's held-out grid cells naming the concept, at
     its held-out seeds, each image made beside its original (results from before the grid: the whole grid).
     """
     protocol, report, pairs = results["protocol"], {}, []
