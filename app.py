@@ -54,7 +54,7 @@ anything the UNet saw, which shows as noise. **Replace** (PER, [Cassano et al., 
 2606.31699](https://arxiv.org/abs/2606.31699)) uses the same neuron only to *detect* the concept's tokens
 and overwrites them with values the block itself produced: the nearest tokens where it did not fire, or, on
 MiniCanvas, where an object fills most of the 8 × 8 map, the whole map as the block made it without the prompt
-once a quarter of it is detected. The picture stays clean where steer leaves noise, and there is no strength at
+once a fifth of it is detected. The picture stays clean where steer leaves noise, and there is no strength at
 all; the Metrics tab has the numbers.
 
 **This world.** MiniCanvas is our small world in the image of UnlearnCanvas: procedurally drawn objects in

@@ -33,6 +33,8 @@ RULES = {
     "nearest + sticky + unconditional fallback": PER_RULE,
     "sticky + fallback, mask dilated": ReplaceRule(dilate=True),
     "sticky + fallback, whole map once detected": ReplaceRule(scope="map"),
+    "sticky + fallback, whole map once an eighth is detected": ReplaceRule(scope="map", map_share=0.125),
+    "sticky + fallback, whole map once a fifth is detected": ReplaceRule(scope="map", map_share=0.2),
     "sticky + fallback, whole map once a quarter is detected": ReplaceRule(scope="map", map_share=0.25),
     "sticky + fallback, whole map once half is detected": ReplaceRule(scope="map", map_share=0.5),
 }
