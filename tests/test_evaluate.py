@@ -925,7 +925,7 @@ def test_compare_replacements_measures_each_rule_with_its_artifact_rate(tmp_path
     a table that says AR was not measured instead of inventing it."""
     studio, classifier, detector = tiny_studio(), tiny_classifier(), tiny_artifact_detector()
     quick = dataclasses.replace(QUICK, tuning_concept_prompts=2, tuning_other_prompts=2)
-    names = ("nearest (PER as written)", "sticky + fallback, whole map once a quarter is detected")
+    names = ("nearest (PER as written)", "sticky + fallback, whole map once a fifth is detected")
     rules = {name: RULES[name] for name in names}
     measured = compare_replace_rules(studio, classifier, rules, protocol=quick, artifact_detector=detector)
     assert list(measured["rules"]) == list(rules)
