@@ -507,7 +507,12 @@ def test_edit_coverage_splits_the_heldout_images_as_the_benchmark_judged_them(qu
         # The same images the benchmark made: as many survivors as its held-out UA says.
         assert entry["survived"] == round((100 - heldout["ua"]) / 100 * entry["images"])
         assert 0 <= entry["confident_survivors"] <= entry["survived"]
-        for value in (entry["edited_share_survived"], entry["edited_share_erased"], entry["probability_survivors"]):
+        shares = [
+            entry[f"{name}_{group}"]
+            for name in ("edited_share", "first_step_edited_share")
+            for group in ("survived", "erased")
+        ]
+        for value in (*shares, entry["probability_survivors"]):
             assert value is None or 0 <= value <= 1
         assert 0 < entry["probability_originals"] <= 1
         assert sum(entry["named_instead"].values()) == entry["images"] - entry["survived"]

@@ -195,7 +195,8 @@ def edit_coverage(
     what it names the erased images instead.
 
     If the survivors had markedly fewer edited tokens, the concept would be slipping past the edit's
-    threshold (for replace: past its detection); as many means it reaches the image through other blocks.
+    threshold (for replace: past its detection); as many means it reaches the image through other blocks. The
+    first step's share is reported apart, since the first steps lay the picture out.
     A classifier without a no-object class must name one of the world's concepts, so an image left with no
     object at all is still given one: its probability on survivors against that on the originals tells a
     concept that stayed from a forced choice, and `grid` (a PNG of original | erased pairs, one survivor a
@@ -217,6 +218,7 @@ def edit_coverage(
         chosen = entry["chosen"]
         specs = [spec for spec in cells if concept in (spec.object, spec.style)]
         shares: dict[str, list[float]] = {"survived": [], "erased": []}
+        first_step_shares: dict[str, list[float]] = {"survived": [], "erased": []}
         survivor_probs, original_probs, named_instead = [], [], Counter()
         for seed in protocol["heldout_seeds"]:
             result = studio.erase(
@@ -229,13 +231,17 @@ def edit_coverage(
                 record=True,
                 intervention=intervention,
             )
-            edited = result.traces[block].edited[:, len(specs) :].float().mean((0, 2))
+            edited = result.traces[block].edited[:, len(specs) :].float().mean(2)  # [steps, images]
             originals, erased = classify(classifier, result.originals), classify(classifier, result.erased)
             images = zip(result.originals, result.erased)
-            for share, original, verdict, pair in zip(edited.tolist(), originals, erased, images):
+            for share, first, original, verdict, pair in zip(
+                edited.mean(0).tolist(), edited[0].tolist(), originals, erased, images
+            ):
                 original_probs.append(_probability(classifier, original, concept, kind))
                 seen = verdict.object if kind == "object" else verdict.style
-                shares["survived" if seen == concept else "erased"].append(share)
+                group = "survived" if seen == concept else "erased"
+                shares[group].append(share)
+                first_step_shares[group].append(first)
                 if seen == concept:
                     survivor_probs.append(_probability(classifier, verdict, concept, kind))
                     pairs.append(pair)
@@ -246,6 +252,10 @@ def edit_coverage(
             "survived": len(shares["survived"]),
             "confident_survivors": sum(prob >= CONFIDENT for prob in survivor_probs),
             **{f"edited_share_{group}": rounded(mean_of_known(values)) for group, values in shares.items()},
+            **{
+                f"first_step_edited_share_{group}": rounded(mean_of_known(values))
+                for group, values in first_step_shares.items()
+            },
             "probability_survivors": rounded(mean_of_known(survivor_probs)),
             "probability_originals": rounded(mean_of_known(original_probs)),
             "named_instead": dict(named_instead.most_common()),
