@@ -348,6 +348,7 @@ def run_attacks(
         "seed": seed,
         "vocabulary_size": len(vocabulary),
         "fingerprint": fingerprint(studio, classifier),
+        "replace_rule": asdict(world.replace_rule),
         "objective": OBJECTIVE,
         "success": SUCCESS,
     }

@@ -1,6 +1,7 @@
 """The prompt-prefix attack: it raises the erased concept's probability, honestly and reproducibly; the CLI runs it."""
 
 import json
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -167,6 +168,9 @@ def test_attack_command_writes_json_with_tuned_strengths_and_resumes(studio, mon
         "saemnesia+replace": (0.0, 1, "flag"),  # replace scales nothing: the flag's strength is not used
     }
     assert entries["none"]["strength"] is None
+    assert written["settings"]["replace_rule"] == asdict(
+        make_tiny_studio().world.replace_rule
+    )  # a new rule: new attacks
     for report in written["methods"].values():
         assert report["cases"] == 1 and 0 <= report["asr"] <= 100
     assert AttackResult.from_dict(entries["saemnesia"]).prompt.endswith("a star in neon style")
