@@ -168,9 +168,7 @@ def test_attack_command_writes_json_with_tuned_strengths_and_resumes(studio, mon
         "saemnesia+replace": (0.0, 1, "flag"),  # replace scales nothing: the flag's strength is not used
     }
     assert entries["none"]["strength"] is None
-    assert written["settings"]["replace_rule"] == asdict(
-        make_tiny_studio().world.replace_rule
-    )  # a new rule: new attacks
+    assert written["settings"]["replace_rule"] == asdict(studio.world.replace_rule)  # a changed rule attacks again
     for report in written["methods"].values():
         assert report["cases"] == 1 and 0 <= report["asr"] <= 100
     assert AttackResult.from_dict(entries["saemnesia"]).prompt.endswith("a star in neon style")
