@@ -3,6 +3,7 @@
 import json
 from dataclasses import asdict
 
+import gradio as gr
 import pytest
 import torch
 from conftest import make_tiny_studio
@@ -16,9 +17,11 @@ from saemnesia.attack import (
     attack_success_rate,
     best_prefix_images,
     prefix_vocabulary,
+    run_attacks,
 )
 from saemnesia.minicanvas import classifier as classifier_module
 from saemnesia.minicanvas.classifier import ClassifierConfig, ClassifierOutput, classify, images_to_tensor
+from ui.metrics import attack_section
 
 CONCEPT = "star"
 SEEDS = (0, 1)
@@ -194,3 +197,20 @@ def test_attack_command_refuses_a_missing_evaluation_file_before_loading_anythin
         cli.main(["attack", "--evaluation", str(tmp_path / "missing.json"), "--out", str(tmp_path / "attack.json")])
     assert exit_info.value.code == 2 and "run `evaluate` or drop --evaluation" in capsys.readouterr().err
     assert not (tmp_path / "attack.json").exists()
+
+
+def test_the_apps_attack_section_shows_a_run_of_one_seed(studio):
+    """The shipped attack has one seed an object: the section must build without a seed slider and still show it."""
+    results = run_attacks(
+        studio, judge(studio, offset=-1.0), [CONCEPT], ("none", "saemnesia"), iterations=0, seeds=(0,), progress=False
+    )
+    with gr.Blocks() as page:
+        attack_section(studio, None, {"attack": results})
+    assert not any(isinstance(block, gr.Slider) for block in page.blocks.values())
+    show = next(fn.fn for fn in page.fns.values() if fn.api_name == "attack_images")
+    text, gallery = show(CONCEPT, "saemnesia", 0)
+    assert "a star in neon style" in text and [caption for _, caption in gallery] == [
+        "plain prompt, erased",
+        "adversarial prompt, erased",
+        "adversarial prompt, no erasure",
+    ]

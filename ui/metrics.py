@@ -124,7 +124,8 @@ def attack_section(studio: Studio, classifier, results: dict) -> None:
         concept = gr.Dropdown(concepts, value=concepts[0], label="Erased concept")
         shown = "saemnesia+replace" if "saemnesia+replace" in methods else methods[-1]
         method = gr.Radio([(method_label(m), m) for m in methods], value=shown, label="Erasure")
-        seed_index = gr.Slider(0, len(attack["settings"]["seeds"]) - 1, value=0, step=1, label="Seed (index)")
+        seeds = len(attack["settings"]["seeds"])  # a slider needs two values at least: one seed has nothing to pick
+        seed_index = gr.Slider(0, seeds - 1, value=0, step=1, label="Seed (index)") if seeds > 1 else gr.State(0)
         show = gr.Button("Show the attack")
     prompt = gr.Markdown()
     images = gr.Gallery(columns=3, height="auto", label="Adversarial prompt vs plain prompt", elem_classes=PIXELS)
